@@ -1,0 +1,233 @@
+"""DBRX: a decoder-only transformer whose feed-forward layers are fine-grained mixtures of experts.
+
+Each block is
+
+    x = x + Attention(LayerNorm(x))      # fused Wqkv clipped to ±clip_qkv, GQA, RoPE, SDPA
+    x = x + MoE(LayerNorm(x))            # softmax router, top-k, p-norm weights, dropless GLU experts
+
+with LayerNorms without bias, no biases anywhere, and an untied LM head. Parameter names follow
+llm-foundry/transformers (`Wqkv`, `out_proj`, `norm_1`, `norm_2`, `norm_f`, `w1`, `v1`, `w2`) so
+the converter in `dbrx_train.convert` is a renaming.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dbrx_train.model.config import ModelConfig
+from dbrx_train.model.loss import linear_cross_entropy, load_balancing_loss
+from dbrx_train.model.moe import build_experts
+
+NORM_EPS = 1e-5
+IGNORE_INDEX = -100
+
+
+def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin `(batch, 1, seq, head_dim)` in fp32: long contexts need the precision."""
+    exponents = torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.int64).float() / head_dim
+    inv_freq = 1.0 / (theta**exponents)
+    angles = position_ids.float()[..., None] * inv_freq
+    angles = torch.cat((angles, angles), dim=-1)[:, None]
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Non-interleaved RoPE: the two halves of each head are rotated as pairs (`rotate_half`)."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return (x.float() * cos + rotated * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, device=None):
+        super().__init__()
+        self.n_heads = config.n_heads
+        self.kv_n_heads = config.attn_config.kv_n_heads
+        self.head_dim = config.head_dim
+        self.clip_qkv = config.attn_config.clip_qkv
+        kv_dim = self.kv_n_heads * self.head_dim
+        self.split_sizes = (config.d_model, kv_dim, kv_dim)
+        self.Wqkv = nn.Linear(config.d_model, config.d_model + 2 * kv_dim, bias=False, device=device)
+        self.out_proj = nn.Linear(config.d_model, config.d_model, bias=False, device=device)
+
+    def forward(self, x, cos, sin, mask=None, kv_cache=None, layer_idx: int = 0):
+        batch, seq, d_model = x.shape
+        qkv = self.Wqkv(x)
+        if self.clip_qkv is not None:
+            qkv = qkv.clamp(min=-self.clip_qkv, max=self.clip_qkv)
+        q, k, v = qkv.split(self.split_sizes, dim=-1)
+        q = q.view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(batch, seq, self.kv_n_heads, self.head_dim).transpose(1, 2)
+        v = v.view(batch, seq, self.kv_n_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if kv_cache is not None:
+            k, v = kv_cache.update(layer_idx, k, v)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.kv_n_heads != self.n_heads
+        )
+        return self.out_proj(y.transpose(1, 2).reshape(batch, seq, d_model))
+
+
+@dataclass
+class RouterStats:
+    """Per-layer routing summary: what the load-balancing loss and the expert-load logs need."""
+
+    mean_probs: torch.Tensor  # (E,) router probability per expert, averaged over tokens (carries grad)
+    tokens_per_expert: torch.Tensor  # (E,) how many (token, slot) assignments each expert received
+
+
+class MoE(nn.Module):
+    def __init__(self, config: ModelConfig, device=None):
+        super().__init__()
+        ffn = config.ffn_config
+        self.top_k = ffn.moe_top_k
+        self.jitter_eps = ffn.moe_jitter_eps
+        self.normalize_p = ffn.moe_normalize_expert_weights
+        self.router = nn.Linear(config.d_model, ffn.moe_num_experts, bias=False, device=device)
+        self.experts = build_experts(
+            config.moe_backend, config.d_model, ffn.ffn_hidden_size, ffn.moe_num_experts, device=device
+        )
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RouterStats]:
+        tokens = x.reshape(-1, x.shape[-1])
+        router_in = tokens
+        if self.training and self.jitter_eps:
+            # Jitter only what the router sees (as Megablocks does); the experts get the clean input.
+            router_in = tokens * torch.empty_like(tokens).uniform_(1.0 - self.jitter_eps, 1.0 + self.jitter_eps)
+        probs = self.router(router_in).softmax(dim=-1, dtype=torch.float32)
+        top_weights, top_experts = probs.topk(self.top_k, dim=-1)
+        if self.normalize_p is not None:
+            top_weights = top_weights / top_weights.norm(p=self.normalize_p, dim=-1, keepdim=True)
+        out = self.experts(tokens, top_weights, top_experts)
+        stats = RouterStats(
+            mean_probs=probs.mean(dim=0),
+            tokens_per_expert=torch.bincount(top_experts.reshape(-1), minlength=probs.shape[-1]),
+        )
+        return out.view_as(x), stats
+
+
+class DbrxBlock(nn.Module):
+    def __init__(self, config: ModelConfig, device=None):
+        super().__init__()
+        self.norm_1 = nn.LayerNorm(config.d_model, eps=NORM_EPS, bias=False, device=device)
+        self.attn = Attention(config, device=device)
+        self.norm_2 = nn.LayerNorm(config.d_model, eps=NORM_EPS, bias=False, device=device)
+        self.ffn = MoE(config, device=device)
+
+    def forward(self, x, cos, sin, mask=None, kv_cache=None, layer_idx: int = 0):
+        x = x + self.attn(self.norm_1(x), cos, sin, mask, kv_cache, layer_idx)
+        ffn_out, stats = self.ffn(self.norm_2(x))
+        return x + ffn_out, stats
+
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor  # what to backpropagate: lm_loss + moe_loss_weight * aux_loss
+    lm_loss: torch.Tensor
+    aux_loss: torch.Tensor  # load-balancing loss, unweighted (1.0 when perfectly balanced)
+    tokens_per_expert: torch.Tensor  # (n_layers, E)
+
+
+class DbrxLM(nn.Module):
+    """The DBRX causal language model. `model(input_ids)` returns logits `(batch, seq, vocab)`."""
+
+    def __init__(self, config: ModelConfig, device=None):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.d_model, device=device)
+        self.blocks = nn.ModuleList(DbrxBlock(config, device=device) for _ in range(config.n_layers))
+        self.norm_f = nn.LayerNorm(config.d_model, eps=NORM_EPS, bias=False, device=device)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False, device=device)
+        if device is None or torch.device(device).type != 'meta':
+            self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Normal(0, init_std) everywhere, with projections into the residual stream scaled down by
+        sqrt(2 * n_layers) (GPT-2); LayerNorm scales at 1. Also materialises a `to_empty` model."""
+        std = self.config.init_std
+        out_std = std / math.sqrt(2 * self.config.n_layers)
+        nn.init.normal_(self.wte.weight, std=std)
+        nn.init.normal_(self.lm_head.weight, std=std)
+        nn.init.ones_(self.norm_f.weight)
+        for block in self.blocks:
+            nn.init.ones_(block.norm_1.weight)
+            nn.init.ones_(block.norm_2.weight)
+            nn.init.normal_(block.attn.Wqkv.weight, std=std)
+            nn.init.normal_(block.attn.out_proj.weight, std=out_std)
+            nn.init.normal_(block.ffn.router.weight, std=std)
+            block.ffn.experts.init_weights(std=std, out_std=out_std)
+
+    def hidden_states(self, input_ids, attention_mask=None, kv_cache=None):
+        """Final-norm hidden states `(batch, seq, d_model)` and each layer's `RouterStats`.
+
+        `attention_mask` `(batch, past + seq)` marks real tokens with 1 and (left) padding with 0;
+        `kv_cache` holds the keys and values of the `past` tokens and receives the new ones.
+        """
+        batch, seq = input_ids.shape
+        past = kv_cache.length if kv_cache is not None else 0
+        position_ids, mask = self._positions_and_mask(batch, seq, past, attention_mask, input_ids.device)
+        cos, sin = rotary_cos_sin(position_ids, self.config.head_dim, self.config.attn_config.rope_theta)
+        x = self.wte(input_ids)
+        all_stats = []
+        for i, block in enumerate(self.blocks):
+            x, stats = block(x, cos, sin, mask, kv_cache, i)
+            all_stats.append(stats)
+        if kv_cache is not None:
+            kv_cache.advance(seq)
+        return self.norm_f(x), all_stats
+
+    @staticmethod
+    def _positions_and_mask(batch, seq, past, attention_mask, device):
+        if attention_mask is None:
+            position_ids = torch.arange(past, past + seq, device=device).expand(batch, seq)
+            if past == 0:
+                return position_ids, None  # plain causal attention: SDPA's fast path
+            key_is_real = torch.ones(batch, past + seq, dtype=torch.bool, device=device)
+        else:
+            key_is_real = attention_mask.to(device=device, dtype=torch.bool)
+            position_ids = (key_is_real.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+        query_idx = torch.arange(past, past + seq, device=device)
+        key_idx = torch.arange(past + seq, device=device)
+        causal = key_idx[None, :] <= query_idx[:, None]
+        mask = causal[None] & key_is_real[:, None, :]
+        # A padding query would otherwise see no key at all (NaN); let it see itself.
+        mask |= (key_idx[None, :] == query_idx[:, None])[None]
+        return position_ids, mask[:, None]
+
+    def forward(self, input_ids, attention_mask=None, kv_cache=None) -> torch.Tensor:
+        hidden, _ = self.hidden_states(input_ids, attention_mask, kv_cache)
+        return self.lm_head(hidden)
+
+    def loss(self, input_ids, labels=None, attention_mask=None) -> LossOutput:
+        """Next-token cross-entropy plus the weighted load-balancing loss, without materialising
+        the `(tokens, vocab)` logits. `labels` default to `input_ids`; `IGNORE_INDEX` is skipped."""
+        hidden, stats = self.hidden_states(input_ids, attention_mask)
+        labels = input_ids if labels is None else labels
+        targets = torch.full_like(labels, IGNORE_INDEX)
+        targets[:, :-1] = labels[:, 1:]
+        lm_loss = linear_cross_entropy(
+            hidden.reshape(-1, hidden.shape[-1]), self.lm_head.weight, targets.reshape(-1), IGNORE_INDEX
+        )
+        aux_loss = load_balancing_loss(
+            torch.stack([s.mean_probs for s in stats]),
+            torch.stack([s.tokens_per_expert for s in stats]),
+            self.config.ffn_config.moe_top_k,
+        )
+        return LossOutput(
+            loss=lm_loss + self.config.ffn_config.moe_loss_weight * aux_loss,
+            lm_loss=lm_loss,
+            aux_loss=aux_loss,
+            tokens_per_expert=torch.stack([s.tokens_per_expert for s in stats]),
+        )
+
+    def generate(self, input_ids, **kwargs) -> torch.Tensor:
+        """Prompt plus new tokens; see `dbrx_train.model.generation.generate` for the options."""
+        from dbrx_train.model.generation import generate
+
+        return generate(self, input_ids, **kwargs)

@@ -1,0 +1,87 @@
+"""Training losses: a fused LM-head cross-entropy and the MoE load-balancing loss."""
+
+from __future__ import annotations
+
+import torch
+
+# Rows of logits computed at once: about 128 MiB of fp32 logits per chunk for DBRX's 100k vocabulary.
+CHUNK_LOGITS = 2**25
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100):
+    """Mean cross-entropy of `hidden @ weight.T` against `targets`, over targets != ignore_index.
+
+    Never holds more than one chunk of `(rows, vocab)` logits: the gradients of `hidden` and
+    `weight` are computed chunk by chunk during the forward pass (when autograd will need them),
+    so neither the fp32 logits of every position nor their gradient is ever materialised.
+    """
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return _LinearCrossEntropy.apply(hidden, weight, targets, ignore_index)
+    loss, _, _ = _chunked_loss_and_grads(hidden, weight, targets, ignore_index, with_grads=False)
+    return loss
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, ignore_index):
+        loss, grad_hidden, grad_weight = _chunked_loss_and_grads(hidden, weight, targets, ignore_index, True)
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_loss.to(grad_hidden.dtype), grad_weight * grad_loss.to(grad_weight.dtype), None, None
+
+
+def _chunked_loss_and_grads(hidden, weight, targets, ignore_index, with_grads):
+    device_type = hidden.device.type
+    compute_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
+    with torch.autocast(device_type=device_type, enabled=False):
+        h_all = hidden.detach().to(compute_dtype)
+        w = weight.detach().to(compute_dtype)
+        valid_all = targets != ignore_index
+        n_valid = valid_all.sum().clamp(min=1)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if with_grads else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if with_grads else None
+        rows = max(1, CHUNK_LOGITS // weight.shape[0])
+        for start in range(0, h_all.shape[0], rows):
+            h = h_all[start : start + rows]
+            t = targets[start : start + rows]
+            valid = valid_all[start : start + rows]
+            logits = (h @ w.t()).float()
+            lse = logits.logsumexp(dim=-1)
+            safe_t = torch.where(valid, t, 0)
+            target_logit = logits.gather(1, safe_t[:, None]).squeeze(1)
+            total += ((lse - target_logit) * valid).sum()
+            if with_grads:
+                # d(mean loss)/d(logits) = (softmax - one_hot(target)) / n_valid on valid rows.
+                grad_logits = logits.sub_(lse[:, None]).exp_()
+                grad_logits[torch.arange(len(t), device=t.device), safe_t] -= 1.0
+                grad_logits *= (valid / n_valid)[:, None]
+                grad_logits = grad_logits.to(compute_dtype)
+                grad_hidden[start : start + rows] = (grad_logits @ w).to(hidden.dtype)
+                grad_weight += (grad_logits.t() @ h).float()
+    loss = total / n_valid
+    if with_grads:
+        grad_weight = grad_weight.to(weight.dtype)
+    return loss, grad_hidden, grad_weight
+
+
+def load_balancing_loss(mean_probs: torch.Tensor, tokens_per_expert: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Switch-Transformer load-balancing loss as Megablocks (DBRX's trainer) defines it.
+
+    Per layer `E * sum_e f_e * P_e`, with `f_e` the fraction of (token, slot) assignments that
+    went to expert e and `P_e` its mean router probability, averaged over layers: 1.0 when
+    routing is perfectly balanced. `mean_probs` and `tokens_per_expert` are `(layers, E)`.
+
+    transformers' `load_balancing_loss_func` differs on purpose: it is `top_k` times larger,
+    pools all layers' tokens before multiplying, and (in `DbrxForCausalLM`) applies its softmax
+    to router outputs that are already probabilities. On one layer fed the raw router logits it
+    equals `top_k *` this loss.
+    """
+    num_experts = mean_probs.shape[-1]
+    counts = tokens_per_expert.to(mean_probs.dtype)
+    fraction = counts / counts.sum(dim=-1, keepdim=True).clamp(min=1)
+    return (num_experts * (fraction * mean_probs).sum(dim=-1)).mean()

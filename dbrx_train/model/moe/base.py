@@ -1,0 +1,38 @@
+"""The seam between the router and the expert computation.
+
+Every backend holds the same parameters, `w1`, `v1` and `w2`, each `(E * ffn_hidden_size, d_model)`:
+the layout transformers' `DbrxExpertGLU` and Megablocks' GLU share, so weights copy across
+backends and checkpoints without transposes. A backend only decides how the tokens reach them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Experts(nn.Module):
+    """GLU experts: `expert_e(x) = (silu(x @ w1[e].T) * (x @ v1[e].T)) @ w2[e]`."""
+
+    def __init__(self, d_model: int, ffn_hidden_size: int, num_experts: int, device=None, dtype=None):
+        super().__init__()
+        self.d_model = d_model
+        self.ffn_hidden_size = ffn_hidden_size
+        self.num_experts = num_experts
+        shape = (num_experts * ffn_hidden_size, d_model)
+        self.w1 = nn.Parameter(torch.empty(shape, device=device, dtype=dtype))
+        self.v1 = nn.Parameter(torch.empty(shape, device=device, dtype=dtype))
+        self.w2 = nn.Parameter(torch.empty(shape, device=device, dtype=dtype))
+
+    def init_weights(self, std: float, out_std: float) -> None:
+        nn.init.normal_(self.w1, std=std)
+        nn.init.normal_(self.v1, std=std)
+        nn.init.normal_(self.w2, std=out_std)
+
+    def forward(self, x: torch.Tensor, top_weights: torch.Tensor, top_experts: torch.Tensor) -> torch.Tensor:
+        """x `(tokens, d_model)`; top_weights/top_experts `(tokens, top_k)`: the weighted sum of each
+        token's experts' outputs, `(tokens, d_model)`."""
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f'num_experts={self.num_experts}, d_model={self.d_model}, ffn_hidden_size={self.ffn_hidden_size}'

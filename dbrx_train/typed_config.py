@@ -1,0 +1,155 @@
+"""Typed configs validated once, at the edge.
+
+`parse(Schema, mapping)` turns what omegaconf read from a YAML (plus command-line overrides)
+into a frozen dataclass. Unknown keys (with the closest valid key suggested), wrong types and
+the schema's own `check()` all fail with one `ConfigError` naming the dotted key. The rest of
+the code trusts the dataclass it gets.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union
+
+from dbrx_train.errors import ConfigError
+
+T = TypeVar('T')
+
+
+def load_yaml(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """Reads a YAML with omegaconf, merges `dotted.key=value` overrides, resolves interpolations."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError('', f'config file not found: {path}')
+    try:
+        conf = OmegaConf.load(path)
+        if overrides:
+            bad = [o for o in overrides if '=' not in o]
+            if bad:
+                raise ConfigError('', f'override {bad[0]!r} is not of the form key=value')
+            conf = OmegaConf.merge(conf, OmegaConf.from_dotlist(list(overrides)))
+        data = OmegaConf.to_container(conf, resolve=True)
+    except OmegaConfBaseException as e:
+        raise ConfigError('', f'{path}: {str(e).splitlines()[0]}') from None
+    except Exception as e:  # yaml.YAMLError and friends: one line, naming the file
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError('', f'{path}: not valid YAML ({str(e).splitlines()[0]})') from None
+    if not isinstance(data, dict):
+        raise ConfigError('', f'{path}: expected a mapping at the top level')
+    return data
+
+
+def parse(schema: type[T], data: Any, path: str = '') -> T:
+    """Builds `schema` (a dataclass) from a plain mapping, or raises `ConfigError`."""
+    if isinstance(data, schema):
+        return data
+    if not isinstance(data, Mapping):
+        raise ConfigError(path, f'expected a mapping, got {_describe(data)}')
+    fields = {f.name: f for f in dataclasses.fields(schema) if f.init}
+    hints = typing.get_type_hints(schema)
+    for key in data:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.6)
+            hint = f" (did you mean '{close[0]}'?)" if close else ''
+            raise ConfigError(_join(path, str(key)), f'unknown key{hint}')
+    kwargs = {}
+    for name, field in fields.items():
+        key = _join(path, name)
+        if name in data:
+            kwargs[name] = _coerce(hints[name], data[name], key)
+        elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+            raise ConfigError(key, 'required key is missing')
+    try:
+        obj = schema(**kwargs)
+        check = getattr(obj, 'check', None)
+        if check is not None:
+            check()
+    except ConfigError as e:
+        raise ConfigError(_join(path, e.key), e.problem) from None
+    return obj
+
+
+def to_dict(obj: Any) -> Any:
+    """The inverse of `parse`: plain dicts and lists, ready for YAML or JSON."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.init}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def _coerce(hint: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if hint is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(option, value, key)
+            except ConfigError as e:
+                errors.append(e.problem)
+        raise ConfigError(key, ' or '.join(dict.fromkeys(errors)))
+    if origin is Literal:
+        if value not in args:
+            choices = ', '.join(repr(a) for a in args)
+            close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+            hint_text = f" (did you mean '{close[0]}'?)" if close else ''
+            raise ConfigError(key, f'must be one of {choices}, got {value!r}{hint_text}')
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(key, f'expected a list, got {_describe(value)}')
+        item = args[0] if args else Any
+        items = [_coerce(item, v, f'{key}[{i}]') for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(key, f'expected a mapping, got {_describe(value)}')
+        item = args[1] if len(args) == 2 else Any
+        return {str(k): _coerce(item, v, _join(key, str(k))) for k, v in value.items()}
+    if dataclasses.is_dataclass(hint):
+        return parse(hint, value, key)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(key, f'expected true or false, got {_describe(value)}')
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(key, f'expected an integer, got {_describe(value)}')
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(key, f'expected a number, got {_describe(value)}')
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(key, f'expected a string, got {_describe(value)}')
+        return value
+    raise TypeError(f'typed_config cannot parse a field of type {hint!r} ({key})')
+
+
+def _join(path: str, key: str) -> str:
+    return f'{path}.{key}' if path else key
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return 'null'
+    if isinstance(value, str):
+        return f'the string {value!r}'
+    return f'{type(value).__name__} {value!r}'
