@@ -21,7 +21,7 @@ from torch import nn
 
 from dbrx_train.model.config import ModelConfig
 from dbrx_train.model.loss import linear_cross_entropy, load_balancing_loss
-from dbrx_train.model.moe import build_experts
+from dbrx_train.model.moe import Experts, build_experts
 
 NORM_EPS = 1e-5
 IGNORE_INDEX = -100
@@ -54,6 +54,7 @@ class Attention(nn.Module):
         self.split_sizes = (config.d_model, kv_dim, kv_dim)
         self.Wqkv = nn.Linear(config.d_model, config.d_model + 2 * kv_dim, bias=False, device=device)
         self.out_proj = nn.Linear(config.d_model, config.d_model, bias=False, device=device)
+        self.out_proj.writes_residual = True
 
     def forward(self, x, cos, sin, mask=None, kv_cache=None, layer_idx: int = 0):
         batch, seq, d_model = x.shape
@@ -148,20 +149,23 @@ class DbrxLM(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """Normal(0, init_std) everywhere, with projections into the residual stream scaled down by
-        sqrt(2 * n_layers) (GPT-2); LayerNorm scales at 1. Also materialises a `to_empty` model."""
+        """Initialises every parameter (also those of a `to_empty` model built on `meta`)."""
+        for module in self.modules():
+            self.param_init_fn(module)
+
+    @torch.no_grad()
+    def param_init_fn(self, module: nn.Module) -> None:
+        """Initialises `module`'s own parameters: Normal(0, init_std), with projections into the
+        residual stream scaled down by sqrt(2 * n_layers) (GPT-2) and LayerNorm scales at 1.
+        Composer calls it module by module when it materialises a meta-device model shard by shard."""
         std = self.config.init_std
         out_std = std / math.sqrt(2 * self.config.n_layers)
-        nn.init.normal_(self.wte.weight, std=std)
-        nn.init.normal_(self.lm_head.weight, std=std)
-        nn.init.ones_(self.norm_f.weight)
-        for block in self.blocks:
-            nn.init.ones_(block.norm_1.weight)
-            nn.init.ones_(block.norm_2.weight)
-            nn.init.normal_(block.attn.Wqkv.weight, std=std)
-            nn.init.normal_(block.attn.out_proj.weight, std=out_std)
-            nn.init.normal_(block.ffn.router.weight, std=std)
-            block.ffn.experts.init_weights(std=std, out_std=out_std)
+        if isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+        elif isinstance(module, Experts):
+            module.init_weights(std=std, out_std=out_std)
+        elif isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=out_std if getattr(module, 'writes_residual', False) else std)
 
     def hidden_states(self, input_ids, attention_mask=None, kv_cache=None):
         """Final-norm hidden states `(batch, seq, d_model)` and each layer's `RouterStats`.
@@ -200,9 +204,21 @@ class DbrxLM(nn.Module):
         mask |= (key_idx[None, :] == query_idx[:, None])[None]
         return position_ids, mask[:, None]
 
-    def forward(self, input_ids, attention_mask=None, kv_cache=None) -> torch.Tensor:
+    def forward(self, input_ids, attention_mask=None, kv_cache=None, labels=None):
+        """Logits `(batch, seq, vocab)`; with `labels`, the training `LossOutput` instead (no logits
+        are materialised). Training goes through here so FSDP's forward hooks gather the weights."""
+        if labels is not None:
+            return self.loss(input_ids, labels, attention_mask)
         hidden, _ = self.hidden_states(input_ids, attention_mask, kv_cache)
         return self.lm_head(hidden)
+
+    # Composer's FSDP2 hooks (it reads them from the ComposerModel's children): one shard unit, and
+    # one activation-checkpointed unit, per transformer block.
+    def fsdp_wrap_fn(self, module: nn.Module) -> bool:
+        return isinstance(module, DbrxBlock)
+
+    def activation_checkpointing_fn(self, module: nn.Module) -> bool:
+        return isinstance(module, DbrxBlock)
 
     def loss(self, input_ids, labels=None, attention_mask=None) -> LossOutput:
         """Next-token cross-entropy plus the weighted load-balancing loss, without materialising

@@ -1,0 +1,39 @@
+"""Pretrain DBRX from a YAML, under the Composer launcher.
+
+    composer dbrx_train/train.py yamls/pretrain/dbrx-tiny.yaml [dotted.key=value ...]
+    composer -n 2 dbrx_train/train.py ...          # several processes (FSDP2)
+    python dbrx_train/train.py ...                 # one process
+"""
+
+import os
+import sys
+
+if __name__ == '__main__' and sys.path and sys.path[0] == os.path.dirname(os.path.abspath(__file__)):
+    # Run as a script: keep the package's own directory off sys.path so its modules
+    # (data, model, ...) cannot shadow top-level packages of the same name.
+    sys.path.pop(0)
+
+from dbrx_train.errors import UserError, cli_entry  # noqa: E402
+from dbrx_train.typed_config import load_yaml, parse  # noqa: E402
+
+
+def load_config(argv: list[str]):
+    from dbrx_train.training.config import TrainConfig
+
+    if not argv or argv[0].startswith('-'):
+        raise UserError('usage: composer dbrx_train/train.py CONFIG.yaml [dotted.key=value ...]')
+    return parse(TrainConfig, load_yaml(argv[0], argv[1:]))
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> None:
+    cfg = load_config(sys.argv[1:] if argv is None else argv)
+    from dbrx_train.training.trainer import build_trainer
+
+    trainer = build_trainer(cfg)
+    trainer.fit()
+    trainer.close()
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,1 @@
+"""Training with Composer: the typed training config, the ComposerModel seam, callbacks, the trainer builder."""

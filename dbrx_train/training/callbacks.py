@@ -1,0 +1,77 @@
+"""Small Composer callbacks and loggers specific to training MoE models."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import torch
+from composer.core import Callback, State
+from composer.loggers import Logger, LoggerDestination
+from composer.utils import dist
+
+
+class MoEMonitor(Callback):
+    """Logs how evenly each layer's router spreads tokens over its experts, so router collapse shows.
+
+    Per layer: `moe/layer_{i}/cv`, the coefficient of variation of tokens per expert (0 when
+    perfectly balanced), and `moe/layer_{i}/max_load`, the busiest expert's share times the number
+    of experts (1 when balanced, E when one expert takes everything). Also the worst layer of each.
+    """
+
+    def __init__(self, log_interval: int = 1):
+        self.log_interval = log_interval
+        self._counts: torch.Tensor | None = None
+
+    def after_forward(self, state: State, logger: Logger) -> None:
+        counts = getattr(state.outputs, 'tokens_per_expert', None)
+        if counts is not None and state.model.training:
+            counts = counts.detach().to(torch.float64)
+            self._counts = counts if self._counts is None else self._counts + counts
+
+    def batch_end(self, state: State, logger: Logger) -> None:
+        counts, self._counts = self._counts, None
+        if counts is None or int(state.timestamp.batch) % self.log_interval:
+            return
+        dist.all_reduce(counts)  # every rank's tokens, so all ranks log the same numbers
+        mean = counts.mean(dim=-1)
+        cv = counts.std(dim=-1, unbiased=False) / mean.clamp(min=1e-9)
+        max_load = counts.max(dim=-1).values / mean.clamp(min=1e-9)
+        metrics = {}
+        for i in range(counts.shape[0]):
+            metrics[f'moe/layer_{i}/cv'] = cv[i].item()
+            metrics[f'moe/layer_{i}/max_load'] = max_load[i].item()
+        metrics['moe/max_cv'] = cv.max().item()
+        metrics['moe/max_load'] = max_load.max().item()
+        logger.log_metrics(metrics)
+
+
+class MetricsFileLogger(LoggerDestination):
+    """Appends every logged metric to a JSON-lines file, one line per step: easy to plot and to diff.
+
+    Only rank 0 writes. Each line is flushed as it is written, so a killed run keeps what it logged.
+    """
+
+    def __init__(self, path: str = '{run_name}/metrics.jsonl'):
+        self.path_template = path
+        self._file = None
+
+    def init(self, state: State, logger: Logger) -> None:
+        if dist.get_global_rank() != 0:
+            return
+        path = self.path_template.format(run_name=state.run_name)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self._file = open(path, 'a', encoding='utf-8')
+
+    def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        if self._file is None:
+            return
+        values = {k: (v.item() if isinstance(v, torch.Tensor) else v) for k, v in metrics.items()}
+        self._file.write(json.dumps({'step': step, **values}) + '\n')
+        self._file.flush()
+
+    def close(self, state: State, logger: Logger) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None

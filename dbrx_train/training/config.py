@@ -1,0 +1,89 @@
+"""The training YAML, as a typed config. Key names are llm-foundry's wherever it has one."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from dbrx_train.data import LoaderConfig
+from dbrx_train.errors import ConfigError
+from dbrx_train.model.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class FSDPConfig:
+    """FSDP2 through Composer: one shard unit per transformer block."""
+
+    sharding_strategy: Literal['FULL_SHARD', 'HYBRID_SHARD'] = 'FULL_SHARD'
+    # HYBRID_SHARD: shard within groups of this many ranks (usually one node), replicate across them.
+    shard_group_size: int | None = None
+    mixed_precision: Literal['DEFAULT', 'PURE', 'FULL'] = 'DEFAULT'
+    activation_checkpointing: bool = False
+    reshard_after_forward: bool = True
+    state_dict_type: Literal['sharded', 'full'] = 'sharded'
+
+    def check(self) -> None:
+        if self.sharding_strategy == 'HYBRID_SHARD' and not self.shard_group_size:
+            raise ConfigError('shard_group_size', 'HYBRID_SHARD needs shard_group_size (ranks per shard group)')
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: ModelConfig
+    train_loader: LoaderConfig
+    max_duration: str
+    global_train_batch_size: int
+    run_name: str = 'dbrx'
+    seed: int = 17
+    max_seq_len: int | None = None  # defaults to model.max_seq_len; llm-foundry's top-level key
+    device_train_microbatch_size: int | None = None  # defaults to the per-device batch
+    device_eval_batch_size: int | None = None
+    eval_loader: LoaderConfig | None = None
+    eval_interval: str = '1dur'
+    eval_first: bool = False
+    eval_subset_num_batches: int = -1
+    tokenizer: dict[str, Any] = field(default_factory=lambda: {'name': 'dbrx'})
+    optimizer: dict[str, Any] = field(
+        default_factory=lambda: {'name': 'decoupled_adamw', 'lr': 6e-4, 'betas': [0.9, 0.95], 'eps': 1e-8,
+                                 'weight_decay': 0.0})
+    scheduler: dict[str, Any] = field(
+        default_factory=lambda: {'name': 'cosine_with_warmup', 't_warmup': '0.05dur', 'alpha_f': 0.1})
+    algorithms: dict[str, dict[str, Any]] = field(
+        default_factory=lambda: {'gradient_clipping': {'clipping_type': 'norm', 'clipping_threshold': 1.0}})
+    precision: Literal['fp32', 'amp_bf16', 'amp_fp16'] = 'fp32'
+    device: Literal['auto', 'cpu', 'gpu'] = 'auto'
+    # meta: every rank builds empty parameters and fills only its own shard (needs GPUs: Composer
+    # materialises meta shards on CUDA). mixed: rank 0 builds the model, the others get it broadcast.
+    init_device: Literal['cpu', 'meta', 'mixed'] = 'cpu'
+    fsdp_config: FSDPConfig | None = field(default_factory=FSDPConfig)
+    save_folder: str | None = None
+    save_interval: str = '1000ba'
+    save_num_checkpoints_to_keep: int = -1
+    save_overwrite: bool = False
+    autoresume: bool = False
+    load_path: str | None = None
+    loggers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    callbacks: dict[str, dict[str, Any]] = field(
+        default_factory=lambda: {'speed_monitor': {'window_size': 10}, 'lr_monitor': {}, 'moe_monitor': {}})
+    progress_bar: bool = True
+    log_to_console: bool = False
+    console_log_interval: str = '1ba'
+    dist_timeout: float = 600.0
+    python_log_level: str | None = 'info'
+
+    def check(self) -> None:
+        if self.global_train_batch_size < 1:
+            raise ConfigError('global_train_batch_size', f'must be at least 1, got {self.global_train_batch_size}')
+        if self.device_train_microbatch_size is not None and self.device_train_microbatch_size < 1:
+            raise ConfigError('device_train_microbatch_size', 'must be at least 1')
+        if self.max_seq_len is not None and self.max_seq_len > self.model.max_seq_len:
+            raise ConfigError('max_seq_len', f'{self.max_seq_len} exceeds model.max_seq_len ({self.model.max_seq_len})')
+        if self.autoresume and not self.save_folder:
+            raise ConfigError('autoresume', 'needs save_folder (where to look for the latest checkpoint)')
+        for section in ('optimizer', 'scheduler'):
+            if 'name' not in getattr(self, section):
+                raise ConfigError(f'{section}.name', 'required key is missing')
+
+    @property
+    def seq_len(self) -> int:
+        return self.max_seq_len or self.model.max_seq_len

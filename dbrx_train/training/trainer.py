@@ -1,0 +1,168 @@
+"""Builds a Composer `Trainer` from a validated `TrainConfig`.
+
+Optimizers, schedulers, algorithms, callbacks and loggers come from llm-foundry's registries by
+their YAML names, so everything an llm-foundry user already configures works here too; this
+project adds `moe_monitor`, `save_on_signal` (callbacks) and `metrics_file` (logger).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from composer import Trainer
+from composer.core import DataSpec
+from composer.utils import dist, reproducibility
+from composer.utils.parallelism import FSDP2Config
+
+from dbrx_train.data import build_text_dataloader
+from dbrx_train.errors import ConfigError
+from dbrx_train.training.callbacks import MetricsFileLogger, MoEMonitor
+from dbrx_train.training.composer_model import ComposerDbrx
+from dbrx_train.training.config import TrainConfig
+from dbrx_train.training.hardware import matmul_peak_flops
+
+log = logging.getLogger(__name__)
+
+OUR_CALLBACKS = {'moe_monitor': MoEMonitor}
+OUR_LOGGERS = {'metrics_file': MetricsFileLogger}
+
+
+def _register_ours() -> None:
+    from llmfoundry import registry
+
+    from dbrx_train.training.preemption import SaveOnSignal
+
+    for name, cls in {**OUR_CALLBACKS, 'save_on_signal': SaveOnSignal}.items():
+        if name not in registry.callbacks:
+            registry.callbacks.register(name, func=cls)
+    for name, cls in OUR_LOGGERS.items():
+        if name not in registry.loggers:
+            registry.loggers.register(name, func=cls)
+
+
+def _build_from_registry(kind: str, name: str, kwargs: dict, build):
+    try:
+        return build(name, dict(kwargs))
+    except Exception as e:  # the registries raise a variety of types for an unknown name or bad kwargs
+        raise ConfigError(f'{kind}.{name}', f'{type(e).__name__}: {str(e).splitlines()[0]}') from None
+
+
+def resolve_device(cfg: TrainConfig) -> str:
+    if cfg.device == 'auto':
+        return 'gpu' if torch.cuda.is_available() else 'cpu'
+    if cfg.device == 'gpu' and not torch.cuda.is_available():
+        raise ConfigError('device', "'gpu' was asked for but CUDA is not available")
+    return cfg.device
+
+
+def device_batch_size(cfg: TrainConfig, world_size: int) -> int:
+    if cfg.global_train_batch_size % world_size:
+        raise ConfigError('global_train_batch_size',
+                          f'{cfg.global_train_batch_size} is not divisible by the world size ({world_size})')
+    return cfg.global_train_batch_size // world_size
+
+
+def _init_device(cfg: TrainConfig, device: str) -> str:
+    if cfg.init_device == 'meta':
+        if device != 'gpu' or cfg.fsdp_config is None:
+            raise ConfigError('init_device', "'meta' needs GPUs and fsdp_config; use 'mixed' (rank 0 builds, "
+                                             "the others receive it) on CPU")
+        return 'meta'
+    if cfg.init_device == 'mixed':
+        return 'cpu' if dist.get_global_rank() == 0 else 'meta'
+    return 'cpu'
+
+
+def _fsdp2(cfg: TrainConfig, device: str) -> FSDP2Config | None:
+    fsdp = cfg.fsdp_config
+    if fsdp is None:
+        return None
+    mesh = None
+    if fsdp.sharding_strategy == 'HYBRID_SHARD':
+        from torch.distributed.device_mesh import init_device_mesh
+
+        world = dist.get_world_size()
+        if world % fsdp.shard_group_size:
+            raise ConfigError('fsdp_config.shard_group_size',
+                              f'world size {world} is not a multiple of {fsdp.shard_group_size}')
+        mesh = init_device_mesh('cuda' if device == 'gpu' else 'cpu',
+                                (world // fsdp.shard_group_size, fsdp.shard_group_size),
+                                mesh_dim_names=('dp_replicate', 'dp_shard'))
+    return FSDP2Config(device_mesh=mesh, reshard_after_forward=fsdp.reshard_after_forward,
+                       activation_checkpointing=fsdp.activation_checkpointing,
+                       state_dict_type=fsdp.state_dict_type, mixed_precision=fsdp.mixed_precision)
+
+
+def build_trainer(cfg: TrainConfig) -> Trainer:
+    from llmfoundry.utils.builders import build_algorithm, build_callback, build_logger, build_optimizer, build_scheduler
+
+    _register_ours()
+    device = resolve_device(cfg)
+    dist.initialize_dist(device, timeout=cfg.dist_timeout)
+    reproducibility.seed_all(cfg.seed)
+    batch_per_device = device_batch_size(cfg, dist.get_world_size())
+
+    model = ComposerDbrx(cfg.model, device=_init_device(cfg, device))
+    train_loader = build_text_dataloader(cfg.train_loader, batch_per_device, cfg.seq_len)
+    eval_loader = None
+    if cfg.eval_loader is not None:
+        eval_loader = DataSpec(build_text_dataloader(cfg.eval_loader, cfg.device_eval_batch_size or batch_per_device,
+                                                     cfg.seq_len, section='eval_loader'),
+                               get_num_tokens_in_batch=_num_tokens)
+
+    optimizer_kwargs = {k: v for k, v in cfg.optimizer.items() if k != 'name'}
+    optimizer = _build_from_registry('optimizer', cfg.optimizer['name'], optimizer_kwargs,
+                                     lambda n, kw: build_optimizer(model, n, kw))
+    scheduler = _build_from_registry('scheduler', cfg.scheduler['name'],
+                                     {k: v for k, v in cfg.scheduler.items() if k != 'name'}, build_scheduler)
+    algorithms = [_build_from_registry('algorithms', n, kw or {}, build_algorithm) for n, kw in cfg.algorithms.items()]
+    callbacks = [_build_from_registry('callbacks', n, _callback_kwargs(n, kw or {}, device), build_callback)
+                 for n, kw in cfg.callbacks.items()]
+    loggers = [_build_from_registry('loggers', n, kw or {}, build_logger) for n, kw in cfg.loggers.items()]
+
+    fsdp = _fsdp2(cfg, device)
+    return Trainer(
+        run_name=cfg.run_name,
+        seed=cfg.seed,
+        model=model,
+        train_dataloader=DataSpec(train_loader, get_num_tokens_in_batch=_num_tokens),
+        eval_dataloader=eval_loader,
+        eval_interval=cfg.eval_interval,
+        eval_subset_num_batches=cfg.eval_subset_num_batches,
+        max_duration=cfg.max_duration,
+        optimizers=optimizer,
+        schedulers=scheduler,
+        algorithms=algorithms,
+        precision=cfg.precision,
+        device=device,
+        device_train_microbatch_size=cfg.device_train_microbatch_size or batch_per_device,
+        parallelism_config={'fsdp': fsdp} if fsdp is not None else None,
+        save_folder=cfg.save_folder,
+        save_interval=cfg.save_interval,
+        save_num_checkpoints_to_keep=cfg.save_num_checkpoints_to_keep,
+        save_overwrite=cfg.save_overwrite,
+        autoresume=cfg.autoresume,
+        load_path=cfg.load_path,
+        loggers=loggers,
+        callbacks=callbacks,
+        progress_bar=cfg.progress_bar,
+        log_to_console=cfg.log_to_console,
+        console_log_interval=cfg.console_log_interval,
+        dist_timeout=cfg.dist_timeout,
+        python_log_level=cfg.python_log_level,
+    )
+
+
+def _num_tokens(batch) -> int:
+    return int(batch['input_ids'].numel())
+
+
+def _callback_kwargs(name: str, kwargs: dict, device: str) -> dict:
+    if name == 'speed_monitor' and device == 'cpu' and 'gpu_flops_available' not in kwargs:
+        # Composer only knows GPU peaks; on CPU report MFU against this process's measured matmul peak.
+        peak = matmul_peak_flops(seconds=0.5)
+        log.info('measured fp32 matmul peak of this process: %.1f GFLOP/s', peak / 1e9)
+        kwargs = {**kwargs, 'gpu_flops_available': peak}
+    return kwargs
+
