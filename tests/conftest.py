@@ -1,0 +1,50 @@
+"""Fixtures shared across test folders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+
+def _packed_tokens(documents: list[str], seq_len: int) -> np.ndarray:
+    import tiktoken
+
+    from dbrx_train.tokenizer import EOS_ID, ensure_cl100k_cached
+
+    ensure_cl100k_cached()
+    cl100k = tiktoken.get_encoding('cl100k_base')
+    stream = [t for doc in documents if doc for t in [*cl100k.encode_ordinary(doc), EOS_ID]]
+    n = len(stream) // seq_len
+    return np.array(stream[: n * seq_len], dtype=np.int64).reshape(n, seq_len)
+
+
+@pytest.fixture
+def packed_tokens():
+    """`packed_tokens(documents, seq_len)`: the samples packing must produce, computed straight from
+    tiktoken (cl100k_base, `<|endoftext|>` after each document, the short tail dropped)."""
+    return _packed_tokens
+
+
+@pytest.fixture
+def write_mds(tmp_path):
+    """`write_mds(documents, name, seq_len)` -> (MDS directory, the samples it must hold)."""
+    from dbrx_train.data.text_to_mds import convert_to_mds
+
+    def write(documents: list[str], name: str, seq_len: int) -> tuple[Path, np.ndarray]:
+        out = tmp_path / name
+        convert_to_mds(documents, out, seq_len=seq_len)
+        return out, _packed_tokens(documents, seq_len)
+
+    return write
+
+
+@pytest.fixture
+def streaming_shm():
+    """Streaming keeps per-dataset state in shared memory: clear stale entries around a test."""
+    from streaming.base.util import clean_stale_shared_memory
+
+    clean_stale_shared_memory()
+    yield
+    clean_stale_shared_memory()
