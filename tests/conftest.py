@@ -48,3 +48,11 @@ def streaming_shm():
     clean_stale_shared_memory()
     yield
     clean_stale_shared_memory()
+
+
+@pytest.fixture(autouse=True, scope='session')
+def _one_torch_thread():
+    """Tiny test models gain nothing from intra-op threads, and the suite shares 2 cores."""
+    import torch
+
+    torch.set_num_threads(1)

@@ -1,0 +1,97 @@
+"""The DBRX model as a whole: sizes of the presets, FLOPs, causality, padding, the training loss."""
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from dbrx_train.info import load_model_config
+from dbrx_train.model.config import AttentionConfig, FFNConfig, ModelConfig
+from dbrx_train.model.dbrx import DbrxLM
+from dbrx_train.model.flops import count_parameters, parameter_counts, train_flops_per_token
+
+PRESETS = sorted((Path(__file__).parents[2] / 'yamls' / 'models').glob('*.yaml'))
+VOCAB = 96
+
+
+@pytest.fixture(scope='module')
+def model():
+    torch.manual_seed(0)
+    config = ModelConfig(d_model=32, n_heads=4, n_layers=2, max_seq_len=32, vocab_size=VOCAB, init_std=0.1,
+                         attn_config=AttentionConfig(kv_n_heads=2),
+                         ffn_config=FFNConfig(ffn_hidden_size=24, moe_num_experts=8, moe_top_k=2))
+    return DbrxLM(config).eval()
+
+
+def test_dbrx_132b_sizes_on_meta():
+    config = load_model_config(Path(__file__).parents[2] / 'yamls' / 'models' / 'dbrx-132b.yaml')
+    model = DbrxLM(config, device='meta')
+    assert all(p.is_meta for p in model.parameters())
+    counts = count_parameters(model)
+    assert counts == parameter_counts(config)
+    assert abs(counts.total - 131.6e9) < 0.05e9
+    assert 36.4e9 < counts.active < 36.5e9
+
+
+@pytest.mark.parametrize('preset', PRESETS, ids=[p.stem for p in PRESETS])
+def test_presets_keep_dbrx_shape_and_closed_form_counts(preset):
+    config = load_model_config(preset)
+    assert (config.ffn_config.moe_num_experts, config.ffn_config.moe_top_k) == (16, 4)
+    assert 1 < config.attn_config.kv_n_heads < config.n_heads  # grouped-query attention
+    assert count_parameters(DbrxLM(config, device='meta')) == parameter_counts(config)
+
+
+def test_train_flops_per_token_match_a_flop_counter(model):
+    """FlopCounterMode counts the matmuls of a real forward + backward; the formula also counts the
+    norm weights (6 FLOPs each), which the counter sees as elementwise work."""
+    config = model.config
+    ids = torch.randint(0, VOCAB, (2, config.max_seq_len))
+    with FlopCounterMode(display=False) as counter:
+        model.loss(ids).loss.backward()
+    model.zero_grad(set_to_none=True)
+    norm_weights = (2 * config.n_layers + 1) * config.d_model
+    assert counter.get_total_flops() == ids.numel() * (train_flops_per_token(config) - 6 * norm_weights)
+
+
+@torch.no_grad()
+def test_causal_future_tokens_do_not_change_past_logits(model):
+    ids = torch.randint(0, VOCAB, (2, 16))
+    changed = ids.clone()
+    changed[:, 10:] = torch.randint(0, VOCAB, (2, 6))
+    torch.testing.assert_close(model(changed)[:, :10], model(ids)[:, :10])
+    assert not torch.allclose(model(changed)[:, 10:], model(ids)[:, 10:])
+
+
+@torch.no_grad()
+def test_left_padding_gives_the_unpadded_logits(model):
+    ids = torch.randint(1, VOCAB, (1, 12))
+    padded = torch.cat([torch.zeros(1, 4, dtype=ids.dtype), ids], dim=1)
+    mask = torch.cat([torch.zeros(1, 4, dtype=torch.long), torch.ones(1, 12, dtype=torch.long)], dim=1)
+    torch.testing.assert_close(model(padded, attention_mask=mask)[:, 4:], model(ids), atol=1e-5, rtol=1e-5)
+
+
+def test_loss_is_shifted_cross_entropy_plus_weighted_aux(model):
+    ids = torch.randint(0, VOCAB, (2, 16))
+    labels = ids.clone()
+    labels[0, :5] = -100
+    out = model.loss(ids, labels=labels)
+    logits = model(ids)
+    expected_lm = F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), labels[:, 1:].reshape(-1), ignore_index=-100)
+    torch.testing.assert_close(out.lm_loss, expected_lm, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.loss, out.lm_loss + model.config.ffn_config.moe_loss_weight * out.aux_loss)
+    assert out.aux_loss >= 1.0 - 1e-6  # 1.0 is the perfectly balanced minimum
+    assert out.tokens_per_expert.shape == (2, 8)
+    assert (out.tokens_per_expert.sum(dim=1) == ids.numel() * 2).all()  # every token, top_k=2 experts, each layer
+
+
+def test_meta_model_materialises_with_init_weights(model):
+    empty = DbrxLM(model.config, device='meta').to_empty(device='cpu')
+    empty.init_weights()
+    for name, param in empty.named_parameters():
+        assert torch.isfinite(param).all(), name
+    assert torch.equal(empty.norm_f.weight, torch.ones(model.config.d_model))
+    std = model.config.init_std
+    assert abs(empty.lm_head.weight.std().item() - std) < 0.1 * std
+    assert empty.blocks[0].attn.out_proj.weight.std() < 0.6 * std  # residual projections scaled down
