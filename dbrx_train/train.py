@@ -28,6 +28,11 @@ def load_config(argv: list[str]):
 @cli_entry
 def main(argv: list[str] | None = None) -> None:
     cfg = load_config(sys.argv[1:] if argv is None else argv)
+    from dbrx_train.data import check_local_data
+
+    check_local_data(cfg.train_loader.dataset, 'train_loader.dataset')  # before the slow start-up
+    if cfg.eval_loader is not None:
+        check_local_data(cfg.eval_loader.dataset, 'eval_loader.dataset')
     from dbrx_train.training.trainer import build_trainer
 
     trainer = build_trainer(cfg)

@@ -8,6 +8,9 @@ project adds `moe_monitor`, `save_on_signal` (callbacks) and `metrics_file` (log
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
+from pathlib import Path
 
 import torch
 from composer import Trainer
@@ -15,6 +18,7 @@ from composer.core import DataSpec
 from composer.utils import dist, reproducibility
 from composer.utils.parallelism import FSDP2Config
 
+from dbrx_train.checkpoint import CONFIG_FILE, read_config, write_config
 from dbrx_train.data import build_text_dataloader
 from dbrx_train.errors import ConfigError
 from dbrx_train.training.callbacks import MetricsFileLogger, MoEMonitor
@@ -121,6 +125,8 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
                  for n, kw in cfg.callbacks.items()]
     loggers = [_build_from_registry('loggers', n, kw or {}, build_logger) for n, kw in cfg.loggers.items()]
 
+    if cfg.save_folder is not None and dist.get_global_rank() == 0:
+        save_model_config(cfg)
     fsdp = _fsdp2(cfg, device)
     return Trainer(
         run_name=cfg.run_name,
@@ -152,6 +158,23 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
         dist_timeout=cfg.dist_timeout,
         python_log_level=cfg.python_log_level,
     )
+
+
+def save_model_config(cfg: TrainConfig) -> None:
+    """Puts the model config beside the checkpoints, so `load_pretrained(save_folder)` can rebuild the model."""
+    if '://' in cfg.save_folder:
+        log.warning('save_folder %s is remote: keep the YAML to load its checkpoints', cfg.save_folder)
+        return
+    folder = Path(cfg.save_folder)
+    if (folder / CONFIG_FILE).is_file():
+        if read_config(folder) != cfg.model:
+            raise ConfigError('save_folder', f'{folder} holds checkpoints of a different model config; '
+                                             'use another save_folder')
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        write_config(Path(tmp), cfg.model)
+        os.replace(Path(tmp) / CONFIG_FILE, folder / CONFIG_FILE)
 
 
 def _num_tokens(batch) -> int:
