@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from dbrx_train.info import load_model_config
-from dbrx_train.model.config import AttentionConfig, FFNConfig, ModelConfig
 from dbrx_train.model.dbrx import DbrxLM
+from tests.model.conftest import tiny_dbrx
 from dbrx_train.model.flops import count_parameters, parameter_counts, train_flops_per_token
 
 PRESETS = sorted((Path(__file__).parents[2] / 'yamls' / 'models').glob('*.yaml'))
@@ -18,11 +18,7 @@ VOCAB = 96
 
 @pytest.fixture(scope='module')
 def model():
-    torch.manual_seed(0)
-    config = ModelConfig(d_model=32, n_heads=4, n_layers=2, max_seq_len=32, vocab_size=VOCAB, init_std=0.1,
-                         attn_config=AttentionConfig(kv_n_heads=2),
-                         ffn_config=FFNConfig(ffn_hidden_size=24, moe_num_experts=8, moe_top_k=2))
-    return DbrxLM(config).eval()
+    return tiny_dbrx(d_model=32, vocab=VOCAB, ffn=24, experts=8, top_k=2)
 
 
 def test_dbrx_132b_sizes_on_meta():

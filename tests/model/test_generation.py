@@ -3,8 +3,7 @@
 import pytest
 import torch
 
-from dbrx_train.model.config import AttentionConfig, FFNConfig, ModelConfig
-from dbrx_train.model.dbrx import DbrxLM
+from tests.model.conftest import tiny_dbrx
 from dbrx_train.model.generation import KVCache, sample_next
 
 VOCAB = 128
@@ -12,11 +11,7 @@ VOCAB = 128
 
 @pytest.fixture(scope='module')
 def model():
-    torch.manual_seed(0)
-    config = ModelConfig(d_model=64, n_heads=4, n_layers=2, max_seq_len=64, vocab_size=VOCAB, init_std=0.1,
-                         attn_config=AttentionConfig(kv_n_heads=2),
-                         ffn_config=FFNConfig(ffn_hidden_size=32, moe_num_experts=16, moe_top_k=4))
-    return DbrxLM(config).eval()
+    return tiny_dbrx(d_model=64, vocab=VOCAB, ffn=32, experts=16, top_k=4)
 
 
 def prompt(batch=2, length=5, seed=0):
