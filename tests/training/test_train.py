@@ -105,6 +105,7 @@ def test_a_typo_in_the_yaml_is_one_line_naming_the_key_and_the_fix(tmp_path):
     _fails_with_one_line([str(CONFIG), 'model.d_modle=64'], "model.d_modle: unknown key (did you mean 'd_model'?)")
 
 
-def test_a_missing_data_directory_is_one_line_naming_the_stream(tmp_path):
-    _fails_with_one_line([str(CONFIG), f'train_loader.dataset.streams.code.local={tmp_path / "nowhere"}'],
+def test_a_missing_data_directory_is_one_line_naming_the_stream(tiny_corpus, tmp_path):
+    _fails_with_one_line([str(CONFIG), f'train_loader.dataset.streams.text.local={tiny_corpus / "text"}',
+                          f'train_loader.dataset.streams.code.local={tmp_path / "nowhere"}'],
                          'train_loader.dataset.streams.code.local: data directory not found')
