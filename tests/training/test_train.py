@@ -60,12 +60,16 @@ def test_a_checkpoint_that_does_not_fit_its_config_names_the_tensor(reference, t
 
 
 def test_two_fsdp2_processes_match_one_process_with_the_same_global_batch(tiny_corpus, reference, tmp_path):
-    run(tiny_overrides(tiny_corpus, tmp_path), processes=2, log_dir=tmp_path)
+    # Also logs to Weights & Biases, offline (the test environment sets WANDB_MODE=offline).
+    wandb = f'{{project: dbrx-test, init_kwargs: {{dir: {tmp_path}}}}}'
+    run(tiny_overrides(tiny_corpus, tmp_path, **{'loggers.wandb': wandb}), processes=2, log_dir=tmp_path)
     one, two = losses(reference / 'metrics.jsonl'), losses(tmp_path / 'metrics.jsonl')
     assert sorted(two) == sorted(one)
     for step in one:
         assert two[step] == pytest.approx(one[step], rel=1e-4), step
     assert (tmp_path / 'rank1.out').exists()
+    [wandb_log] = tmp_path.glob('wandb/offline-run-*/run-*.wandb')
+    assert b'loss/train/lm' in wandb_log.read_bytes() and b'moe/max_cv' in wandb_log.read_bytes()
 
 
 def test_killed_run_autoresumes_from_its_last_checkpoint_with_the_same_losses(tiny_corpus, reference, tmp_path):
