@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+CORPUS_SEQ_LEN = 32  # tokens per sample of the `tiny_corpus` fixture
+
 
 def _packed_tokens(documents: list[str], seq_len: int) -> np.ndarray:
     import tiktoken
@@ -56,3 +58,13 @@ def _one_torch_thread():
     import torch
 
     torch.set_num_threads(1)
+
+
+@pytest.fixture(scope='session')
+def tiny_corpus(tmp_path_factory) -> Path:
+    """The embedded corpus (text and code streams), 32-token samples, built once per test session."""
+    from dbrx_train.data import make_embedded_corpus
+
+    out = tmp_path_factory.mktemp('corpus')
+    make_embedded_corpus(out, seq_len=CORPUS_SEQ_LEN, max_tokens=40_000)
+    return out

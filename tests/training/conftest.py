@@ -8,21 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
+from tests.conftest import CORPUS_SEQ_LEN as SEQ_LEN
 
 REPO = Path(__file__).resolve().parents[2]
 TRAIN = REPO / 'dbrx_train' / 'train.py'
 CONFIG = REPO / 'yamls' / 'pretrain' / 'dbrx-tiny.yaml'
-SEQ_LEN = 32
-
-
-@pytest.fixture(scope='session')
-def tiny_corpus(tmp_path_factory) -> Path:
-    from dbrx_train.data import make_embedded_corpus
-
-    out = tmp_path_factory.mktemp('corpus')
-    make_embedded_corpus(out, seq_len=SEQ_LEN, max_tokens=40_000)
-    return out
 
 
 def tiny_overrides(corpus: Path, run_dir: Path, **extra) -> list[str]:
