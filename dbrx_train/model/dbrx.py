@@ -68,10 +68,23 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(layer_idx, k, v)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.kv_n_heads != self.n_heads
-        )
+        # Each kv head serves n_heads / kv_n_heads query heads. Repeated here rather than with
+        # SDPA's enable_gqa, which sends CPU attention to the slow unfused kernel.
+        k = k.repeat_interleave(self.n_heads // self.kv_n_heads, dim=1)
+        v = v.repeat_interleave(self.n_heads // self.kv_n_heads, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
         return self.out_proj(y.transpose(1, 2).reshape(batch, seq, d_model))
+
+
+def packed_positions_and_mask(sequence_id: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions that restart at 0 where `sequence_id` changes, and the block-diagonal causal mask
+    `(batch, 1, seq, seq)` that keeps attention inside each example."""
+    idx = torch.arange(sequence_id.shape[-1], device=sequence_id.device)
+    starts = torch.ones_like(sequence_id, dtype=torch.bool)
+    starts[:, 1:] = sequence_id[:, 1:] != sequence_id[:, :-1]
+    first_of_example = torch.where(starts, idx, 0).cummax(dim=-1).values
+    same_example = sequence_id[:, :, None] == sequence_id[:, None, :]
+    return idx - first_of_example, (same_example & (idx[None, :] <= idx[:, None]))[:, None]
 
 
 @dataclass
@@ -167,15 +180,22 @@ class DbrxLM(nn.Module):
         elif isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, std=out_std if getattr(module, 'writes_residual', False) else std)
 
-    def hidden_states(self, input_ids, attention_mask=None, kv_cache=None):
+    def hidden_states(self, input_ids, attention_mask=None, kv_cache=None, sequence_id=None):
         """Final-norm hidden states `(batch, seq, d_model)` and each layer's `RouterStats`.
 
         `attention_mask` `(batch, past + seq)` marks real tokens with 1 and (left) padding with 0;
         `kv_cache` holds the keys and values of the `past` tokens and receives the new ones.
+        `sequence_id` `(batch, seq)` packs several examples into a row (instead of `attention_mask`,
+        without a cache): each example's tokens share one id and lie side by side.
         """
         batch, seq = input_ids.shape
         past = kv_cache.length if kv_cache is not None else 0
-        position_ids, mask = self._positions_and_mask(batch, seq, past, attention_mask, input_ids.device)
+        if sequence_id is not None:
+            if attention_mask is not None or past:
+                raise ValueError('sequence_id (packed examples) cannot be combined with attention_mask or a KV cache')
+            position_ids, mask = packed_positions_and_mask(sequence_id.to(input_ids.device))
+        else:
+            position_ids, mask = self._positions_and_mask(batch, seq, past, attention_mask, input_ids.device)
         cos, sin = rotary_cos_sin(position_ids, self.config.head_dim, self.config.attn_config.rope_theta)
         x = self.wte(input_ids)
         all_stats = []
@@ -204,12 +224,12 @@ class DbrxLM(nn.Module):
         mask |= (key_idx[None, :] == query_idx[:, None])[None]
         return position_ids, mask[:, None]
 
-    def forward(self, input_ids, attention_mask=None, kv_cache=None, labels=None):
+    def forward(self, input_ids, attention_mask=None, kv_cache=None, labels=None, sequence_id=None):
         """Logits `(batch, seq, vocab)`; with `labels`, the training `LossOutput` instead (no logits
         are materialised). Training goes through here so FSDP's forward hooks gather the weights."""
         if labels is not None:
-            return self.loss(input_ids, labels, attention_mask)
-        hidden, _ = self.hidden_states(input_ids, attention_mask, kv_cache)
+            return self.loss(input_ids, labels, attention_mask, sequence_id)
+        hidden, _ = self.hidden_states(input_ids, attention_mask, kv_cache, sequence_id)
         return self.lm_head(hidden)
 
     # Composer's FSDP2 hooks (it reads them from the ComposerModel's children): one shard unit, and
@@ -220,10 +240,10 @@ class DbrxLM(nn.Module):
     def activation_checkpointing_fn(self, module: nn.Module) -> bool:
         return isinstance(module, DbrxBlock)
 
-    def loss(self, input_ids, labels=None, attention_mask=None) -> LossOutput:
+    def loss(self, input_ids, labels=None, attention_mask=None, sequence_id=None) -> LossOutput:
         """Next-token cross-entropy plus the weighted load-balancing loss, without materialising
         the `(tokens, vocab)` logits. `labels` default to `input_ids`; `IGNORE_INDEX` is skipped."""
-        hidden, stats = self.hidden_states(input_ids, attention_mask)
+        hidden, stats = self.hidden_states(input_ids, attention_mask, sequence_id=sequence_id)
         labels = input_ids if labels is None else labels
         targets = torch.full_like(labels, IGNORE_INDEX)
         targets[:, :-1] = labels[:, 1:]

@@ -31,7 +31,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_loss.to(grad_hidden.dtype), grad_weight * grad_loss.to(grad_weight.dtype), None, None
+        # Backpropagating the loss itself (grad 1) is the usual case: hand the gradients over
+        # as they are instead of copying the LM head's (vocab, d_model) gradient at peak memory.
+        if not torch.equal(grad_loss, torch.ones_like(grad_loss)):
+            grad_hidden = grad_hidden * grad_loss.to(grad_hidden.dtype)
+            grad_weight = grad_weight * grad_loss.to(grad_weight.dtype)
+        return grad_hidden, grad_weight, None, None
 
 
 def _chunked_loss_and_grads(hidden, weight, targets, ignore_index, with_grads):
@@ -50,23 +55,36 @@ def _chunked_loss_and_grads(hidden, weight, targets, ignore_index, with_grads):
             h = h_all[start : start + rows]
             t = targets[start : start + rows]
             valid = valid_all[start : start + rows]
-            logits = (h @ w.t()).float()
-            lse = logits.logsumexp(dim=-1)
             safe_t = torch.where(valid, t, 0)
+            logits = (h @ w.t()).float()
             target_logit = logits.gather(1, safe_t[:, None]).squeeze(1)
+            # logsumexp by hand, in place: the chunk's exp(logits - max) is the unnormalised softmax
+            # the gradient needs, so the (rows, vocab) block is exponentiated once and never copied.
+            row_max = logits.amax(dim=-1, keepdim=True)
+            exp_logits = logits.sub_(row_max).exp_()
+            sum_exp = exp_logits.sum(dim=-1)
+            lse = sum_exp.log() + row_max.squeeze(1)
             total += ((lse - target_logit) * valid).sum()
             if with_grads:
                 # d(mean loss)/d(logits) = (softmax - one_hot(target)) / n_valid on valid rows.
-                grad_logits = logits.sub_(lse[:, None]).exp_()
-                grad_logits[torch.arange(len(t), device=t.device), safe_t] -= 1.0
-                grad_logits *= (valid / n_valid)[:, None]
+                row_weight = valid / n_valid
+                grad_logits = exp_logits.mul_((row_weight / sum_exp)[:, None])
+                grad_logits[torch.arange(len(t), device=t.device), safe_t] -= row_weight
                 grad_logits = grad_logits.to(compute_dtype)
                 grad_hidden[start : start + rows] = (grad_logits @ w).to(hidden.dtype)
-                grad_weight += (grad_logits.t() @ h).float()
+                _add_matmul_(grad_weight, grad_logits.t(), h)
     loss = total / n_valid
     if with_grads:
         grad_weight = grad_weight.to(weight.dtype)
     return loss, grad_hidden, grad_weight
+
+
+def _add_matmul_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b, inside the GEMM (no product-sized temporary) when the dtypes agree."""
+    if a.dtype == acc.dtype:
+        torch.addmm(acc, a, b, out=acc)  # not addmm_, which FLOP counters do not see
+    else:
+        acc += (a @ b).to(acc.dtype)
 
 
 def load_balancing_loss(mean_probs: torch.Tensor, tokens_per_expert: torch.Tensor, top_k: int) -> torch.Tensor:

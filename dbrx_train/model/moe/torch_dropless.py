@@ -22,9 +22,9 @@ class TorchDroplessExperts(Experts):
         # Rows per expert decide the matmul shapes, so they must be known on the host.
         rows_per_expert = torch.bincount(flat_experts, minlength=self.num_experts).tolist()
 
-        w1 = self.w1.view(self.num_experts, self.ffn_hidden_size, self.d_model)
-        v1 = self.v1.view(self.num_experts, self.ffn_hidden_size, self.d_model)
-        w2 = self.w2.view(self.num_experts, self.ffn_hidden_size, self.d_model)
+        # unbind, not w1[e]: each select's backward would write a zero-filled full-size gradient.
+        w1, v1, w2 = (w.view(self.num_experts, self.ffn_hidden_size, self.d_model).unbind(0)
+                      for w in (self.w1, self.v1, self.w2))
 
         routed = x[token_of_row]
         outputs = []
