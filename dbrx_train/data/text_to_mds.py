@@ -55,6 +55,14 @@ def iter_documents(inputs: Sequence[str | Path], text_field: str = 'text', split
     line with the text in `text_field`), a parquet file, a directory saved by `datasets`'
     `save_to_disk` (`split` picks from a DatasetDict), or a directory of such files (sorted).
     """
+    for path, saved_dataset in expand_inputs(inputs):
+        yield from _read_hf_dataset(path, text_field, split) if saved_dataset else _read_file(path, text_field)
+
+
+def expand_inputs(inputs: Sequence[str | Path], suffixes: Sequence[str] | None = None) -> Iterator[tuple[Path, bool]]:
+    """(path, is a `datasets` directory) per input: a directory saved by `datasets`' `save_to_disk`
+    stays whole, another directory gives its files (sorted; hidden ones, and with `suffixes` files
+    of other types, left out)."""
     if not inputs:
         raise UserError('no input given')
     for given in inputs:
@@ -62,15 +70,16 @@ def iter_documents(inputs: Sequence[str | Path], text_field: str = 'text', split
         if not path.exists():
             raise UserError(f'input not found: {path}')
         if path.is_dir() and any((path / f).is_file() for f in ('state.json', 'dataset_dict.json')):
-            yield from _read_hf_dataset(path, text_field, split)
+            yield path, True
         elif path.is_dir():
-            files = sorted(p for p in path.rglob('*') if p.is_file() and not _is_hidden(p.relative_to(path)))
+            files = sorted(p for p in path.rglob('*') if p.is_file() and not _is_hidden(p.relative_to(path))
+                           and (suffixes is None or p.suffix.lower() in suffixes))
             if not files:
-                raise UserError(f'input directory has no files: {path}')
-            for file in files:
-                yield from _read_file(file, text_field)
+                kind = f'{"/".join(suffixes)} files' if suffixes else 'files'
+                raise UserError(f'input directory has no {kind}: {path}')
+            yield from ((file, False) for file in files)
         else:
-            yield from _read_file(path, text_field)
+            yield path, False
 
 
 def _is_hidden(relative: Path) -> bool:
@@ -192,7 +201,7 @@ def _encoded_batches(batches: Iterable[list[str]], workers: int) -> Iterator[tup
 # --- writing -------------------------------------------------------------------------------------
 
 
-def _check_output_dir(out: str | Path, overwrite: bool) -> Path:
+def check_output_dir(out: str | Path, overwrite: bool) -> Path:
     """Fails early when `out` holds something we must not replace."""
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -221,10 +230,10 @@ def convert_to_mds(
         raise UserError(f'seq_len must be at least 1, got {seq_len}')
     if max_tokens is not None and max_tokens < seq_len:
         raise UserError(f'max_tokens ({max_tokens}) is less than one sample of seq_len {seq_len}')
-    out = _check_output_dir(out, overwrite)  # before any input is read
+    out = check_output_dir(out, overwrite)  # before any input is read
     out.parent.mkdir(parents=True, exist_ok=True)
     max_samples = None if max_tokens is None else max_tokens // seq_len
-    tmp = _sibling_dir(out, 'tmp')
+    tmp = sibling_dir(out, 'tmp')
     try:
         writer = MDSWriter(out=str(tmp), columns=MDS_COLUMNS, compression=compression)
         documents_read = samples = tokens_read = 0
@@ -251,25 +260,25 @@ def convert_to_mds(
         stats = ConversionStats(documents_read, samples, seq_len, tokens_read - samples * seq_len)
         prep_info = {**asdict(stats), 'tokens': stats.tokens, **(info or {})}
         (tmp / PREP_INFO_FILE).write_text(json.dumps(prep_info, indent=2) + '\n')
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return stats
 
 
-def _replace_dir(new: Path, out: Path) -> None:
+def replace_dir(new: Path, out: Path) -> None:
     """Moves `new` to `out`; an old `out` is only deleted once the new one is in place."""
     old = None
     if out.exists():
-        old = _sibling_dir(out, 'old')
+        old = sibling_dir(out, 'old')
         os.replace(out, old / out.name)
     os.replace(new, out)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _sibling_dir(out: Path, tag: str) -> Path:
+def sibling_dir(out: Path, tag: str) -> Path:
     """A new hidden directory beside `out` (same filesystem, so renames are atomic)."""
     path = out.parent / f'.{out.name}.{tag}-{uuid.uuid4().hex[:12]}'
     path.mkdir()  # unlike mkdtemp's 0700, the umask's usual permissions
