@@ -46,6 +46,7 @@ DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
 _CHECKPOINT_FILE = re.compile(
     r'config\.yaml|config\.json|generation_config\.json'
     r'|model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json'
+    r'|tokenizer\.json|tokenizer_config\.json|special_tokens_map\.json'  # what an export adds
 )
 _SAFETENSORS_DTYPES = {'F64': torch.float64, 'F32': torch.float32, 'F16': torch.float16, 'BF16': torch.bfloat16}
 

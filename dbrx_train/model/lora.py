@@ -1,0 +1,163 @@
+"""LoRA adapters on the attention projections and, per expert, on the fused MoE experts.
+
+An adapted weight `W` becomes `W + (alpha / r) * B @ A`, block by block: the attention
+projections `Wqkv` and `out_proj` are one block `(out, in)`; each fused expert tensor `w1`, `v1`,
+`w2` `(E * ffn, d_model)` is E blocks `(ffn, d_model)`, so every expert gets its own factors
+`A (E, r, d_model)` and `B (E, ffn, r)`. `A` starts random and `B` at zero: training starts from
+the pretrained model exactly.
+
+The update is a `torch.nn.utils.parametrize` parametrization: reading `experts.w1` returns the
+effective weight, computed once per forward. Every MoE backend reads its weights through the
+`Experts` seam (`self.w1`, ...), so the experts stay dropless and grouped with no backend change,
+and the result is exact. The price is one full-size temporary per adapted tensor per layer that
+autograd keeps for the backward pass: train large models with activation checkpointing, which
+recomputes it block by block. A backend that wants to avoid the temporary can apply the factors
+itself (`(x @ A[e].T) @ B[e].T` next to `x @ w1[e].T`) from the same parameters.
+
+The base tensor stays in the module as `parametrizations.<name>.original` (frozen), the factors
+as `parametrizations.<name>.0.lora_A` / `lora_B`, and the scale as the buffer `...0.scale`, so a
+training checkpoint describes its adapters completely. `merge_lora` folds them into the weights.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from dbrx_train.errors import ConfigError
+from dbrx_train.model.dbrx import DbrxLM
+
+LoraTarget = Literal['Wqkv', 'out_proj', 'w1', 'v1', 'w2']
+ATTENTION_TARGETS = ('Wqkv', 'out_proj')
+EXPERT_TARGETS = ('w1', 'v1', 'w2')
+# A parameter or buffer name of an adapted model -> (the tensor's name in a plain model, part).
+_ADAPTED_NAME = re.compile(
+    r'^(?P<owner>.*)\.parametrizations\.(?P<tensor>[^.]+)\.(?:original|0\.(?P<part>lora_A|lora_B|scale))$')
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """The `lora` section of a fine-tuning YAML."""
+
+    r: int = 8
+    alpha: float = 16.0
+    targets: list[LoraTarget] = field(default_factory=lambda: ['Wqkv', 'out_proj', 'w1', 'v1', 'w2'])
+    layers: list[int] | None = None  # transformer blocks to adapt; default every one
+    seed: int = 0  # draws the initial A factors, the same on every rank
+
+    def check(self) -> None:
+        if self.r < 1:
+            raise ConfigError('r', f'must be at least 1, got {self.r}')
+        if self.alpha <= 0:
+            raise ConfigError('alpha', f'must be positive, got {self.alpha}')
+        if not self.targets:
+            raise ConfigError('targets', f'name at least one of {", ".join(ATTENTION_TARGETS + EXPERT_TARGETS)}')
+        if len(set(self.targets)) != len(self.targets):
+            raise ConfigError('targets', f'lists a target twice: {self.targets}')
+
+
+def check_layers(layers: list[int] | None, n_layers: int, key: str) -> None:
+    """`ConfigError` unless every index names one of the model's `n_layers` blocks."""
+    bad = [i for i in layers or () if not 0 <= i < n_layers]
+    if bad:
+        raise ConfigError(key, f'layer {bad[0]} does not exist; the model has layers 0..{n_layers - 1}')
+
+
+class LowRankUpdate(nn.Module):
+    """The parametrization `W -> W + scale * B @ A`, blockwise over the first dimension of `W`."""
+
+    def __init__(self, blocks: int, out_features: int, in_features: int, r: int, alpha: float, device=None,
+                 dtype=None):
+        super().__init__()
+        self.lora_A = nn.Parameter(torch.empty(blocks, r, in_features, device=device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.empty(blocks, out_features, r, device=device, dtype=dtype))
+        self.alpha_over_r = alpha / r
+        # Also a persistent buffer: a checkpoint must say how to merge its factors.
+        self.register_buffer('scale', torch.tensor(self.alpha_over_r, device=device, dtype=torch.float32))
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return merged_weight(weight, self.lora_A, self.lora_B, self.scale)
+
+
+def merged_weight(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                  scale: torch.Tensor) -> torch.Tensor:
+    """`weight + scale * B @ A` per block: what the adapted model computes with and what export writes."""
+    delta = torch.bmm(lora_B, lora_A.to(lora_B.dtype)) * scale.to(lora_B.dtype)
+    return weight + delta.reshape(weight.shape).to(weight.dtype)
+
+
+def apply_lora(model: DbrxLM, config: LoraConfig) -> None:
+    """Freezes every parameter of `model` and adds trainable adapters where `config` says."""
+    n_layers = model.config.n_layers
+    check_layers(config.layers, n_layers, 'lora.layers')
+    model.requires_grad_(False)
+    ffn = model.config.ffn_config
+    for i in range(n_layers) if config.layers is None else sorted(set(config.layers)):
+        block = model.blocks[i]
+        for target in config.targets:
+            if target in ATTENTION_TARGETS:
+                module, name = getattr(block.attn, target), 'weight'
+                blocks, (out_features, in_features) = 1, module.weight.shape
+            else:
+                module, name = block.ffn.experts, target
+                blocks, out_features, in_features = ffn.moe_num_experts, ffn.ffn_hidden_size, model.config.d_model
+            base = getattr(module, name)
+            update = LowRankUpdate(blocks, out_features, in_features, config.r, config.alpha, base.device, base.dtype)
+            parametrize.register_parametrization(module, name, update)
+    if model.wte.weight.device.type != 'meta':
+        with torch.no_grad():
+            for tensor, value in initial_adapter_values(model, config.seed):
+                tensor.copy_(value)
+
+
+def adapters(model: nn.Module) -> Iterator[tuple[str, LowRankUpdate]]:
+    """(name, adapter) of every adapter in `model`, in module order."""
+    for name, module in model.named_modules():
+        if isinstance(module, LowRankUpdate):
+            yield name, module
+
+
+def initial_adapter_values(model: nn.Module, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(adapter tensor, its full initial value): A uniform in ±1/sqrt(in_features) (as PEFT does), B
+    zero, the scale alpha / r. Drawn in module order from `seed`, so every rank draws the same."""
+    generator = torch.Generator().manual_seed(seed)
+    for _, adapter in adapters(model):
+        shape = tuple(adapter.lora_A.shape)
+        bound = 1.0 / math.sqrt(shape[-1])
+        yield adapter.lora_A, torch.empty(shape).uniform_(-bound, bound, generator=generator)
+        yield adapter.lora_B, torch.zeros(tuple(adapter.lora_B.shape))
+        yield adapter.scale, torch.tensor(adapter.alpha_over_r)
+
+
+def split_adapted_name(name: str) -> tuple[str, str]:
+    """`(plain name, part)` of a state-dict key: part is 'weight' for a base tensor (adapted or not),
+    else 'lora_A', 'lora_B' or 'scale'. `blocks.0.ffn.experts.parametrizations.w1.0.lora_A` ->
+    (`blocks.0.ffn.experts.w1`, 'lora_A')."""
+    match = _ADAPTED_NAME.match(name)
+    if match is None:
+        return name, 'weight'
+    return f'{match["owner"]}.{match["tensor"]}', match['part'] or 'weight'
+
+
+def base_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Every base (non-adapter) parameter of `model` under its name in a plain `DbrxLM`."""
+    found = {}
+    for name, param in model.named_parameters():
+        plain, part = split_adapted_name(name)
+        if part == 'weight':
+            found[plain] = param
+    return found
+
+
+def merge_lora(model: nn.Module) -> None:
+    """Folds every adapter into its weight: `model` becomes a plain `DbrxLM` with the same outputs."""
+    for module in [m for m in model.modules() if parametrize.is_parametrized(m)]:
+        for name in list(module.parametrizations):
+            parametrize.remove_parametrizations(module, name, leave_parametrized=True)
