@@ -1,4 +1,4 @@
-"""Pretraining data: raw text to packed MDS shards, the embedded corpus, and the streaming loader.
+"""Pretraining data: raw text to packed MDS shards, the embedded corpus, the streaming loader, curricula.
 
 Names are imported on first use: Streaming pulls in transformers and takes seconds to import,
 which a data-prep command that finds its output already built should not pay.
@@ -10,7 +10,12 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
+    'CurriculumConfig': 'curriculum',
+    'Schedule': 'curriculum',
+    'resolve_schedule': 'curriculum',
     'make_embedded_corpus': 'embedded_corpus',
+    'MixtureDataset': 'mixture',
+    'build_mixture_dataloader': 'mixture',
     'LoaderConfig': 'text_dataset',
     'StreamConfig': 'text_dataset',
     'TextDataset': 'text_dataset',
@@ -25,7 +30,9 @@ _EXPORTS = {
 __all__ = list(_EXPORTS)
 
 if TYPE_CHECKING:
+    from dbrx_train.data.curriculum import CurriculumConfig, Schedule, resolve_schedule
     from dbrx_train.data.embedded_corpus import make_embedded_corpus
+    from dbrx_train.data.mixture import MixtureDataset, build_mixture_dataloader
     from dbrx_train.data.text_dataset import (
         LoaderConfig,
         StreamConfig,

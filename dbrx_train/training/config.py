@@ -2,12 +2,30 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from dbrx_train.data import LoaderConfig
+from dbrx_train.data.curriculum import CurriculumConfig, Schedule, resolve_schedule
+from dbrx_train.data.finetuning import FinetuningLoaderConfig
 from dbrx_train.errors import ConfigError
+from dbrx_train.evaluation.config import check_icl_seq_lens, parse_icl_tasks
 from dbrx_train.model.config import ModelConfig
+from dbrx_train.model.lora import LoraConfig, check_layers
+from dbrx_train.training.finetune import FreezeConfig
+from dbrx_train.typed_config import parse
+
+# A loader section is parsed by the schema its `name` selects (typed_config has no tagged unions).
+LOADERS: dict[str, type[LoaderConfig]] = {'text': LoaderConfig, 'finetuning': FinetuningLoaderConfig}
+
+
+def parse_loader(data: Any, key: str) -> LoaderConfig:
+    name = data.get('name', 'text') if isinstance(data, Mapping) else 'text'
+    if name not in LOADERS:
+        raise ConfigError(f'{key}.name', f'must be one of {", ".join(map(repr, LOADERS))}, got {name!r}')
+    return parse(LOADERS[name], data, key)
 
 
 @dataclass(frozen=True)
@@ -30,18 +48,23 @@ class FSDPConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     model: ModelConfig
-    train_loader: LoaderConfig
+    train_loader: Any  # a mapping, parsed into one of LOADERS by __post_init__
     max_duration: str
     global_train_batch_size: int
+    curriculum: CurriculumConfig | None = None  # the data mix per phase of training (replaces stream proportions)
     run_name: str = 'dbrx'
     seed: int = 17
     max_seq_len: int | None = None  # defaults to model.max_seq_len; llm-foundry's top-level key
     device_train_microbatch_size: int | None = None  # defaults to the per-device batch
     device_eval_batch_size: int | None = None
-    eval_loader: LoaderConfig | None = None
+    eval_loader: Any = None  # like train_loader
     eval_interval: str = '1dur'
     eval_first: bool = False
     eval_subset_num_batches: int = -1
+    # llm-foundry's ICL tasks (a list, or the path of a YAML holding one), run at eval_interval too.
+    icl_tasks: Any = None
+    icl_seq_len: int | None = None  # defaults to max_seq_len
+    icl_subset_num_batches: int | None = None  # per task; defaults to eval_subset_num_batches
     tokenizer: dict[str, Any] = field(default_factory=lambda: {'name': 'dbrx'})
     optimizer: dict[str, Any] = field(
         default_factory=lambda: {'name': 'decoupled_adamw', 'lr': 6e-4, 'betas': [0.9, 0.95], 'eps': 1e-8,
@@ -62,6 +85,12 @@ class TrainConfig:
     save_overwrite: bool = False
     autoresume: bool = False
     load_path: str | None = None
+    # Fine-tuning: the starting weights (a transformers DBRX directory, a dbrx_train checkpoint or a
+    # Composer save_folder; loaded shard by shard after FSDP has sharded the model), what stays frozen,
+    # and LoRA adapters (which freeze everything else).
+    init_from: str | None = None
+    freeze: FreezeConfig | None = None
+    lora: LoraConfig | None = None
     loggers: dict[str, dict[str, Any]] = field(default_factory=dict)
     callbacks: dict[str, dict[str, Any]] = field(
         default_factory=lambda: {'speed_monitor': {'window_size': 10}, 'lr_monitor': {}, 'moe_monitor': {}})
@@ -71,6 +100,13 @@ class TrainConfig:
     dist_timeout: float = 600.0
     python_log_level: str | None = 'info'
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, 'train_loader', parse_loader(self.train_loader, 'train_loader'))
+        if self.eval_loader is not None:
+            object.__setattr__(self, 'eval_loader', parse_loader(self.eval_loader, 'eval_loader'))
+        if self.icl_tasks is not None:
+            object.__setattr__(self, 'icl_tasks', parse_icl_tasks(self.icl_tasks))
+
     def check(self) -> None:
         if self.global_train_batch_size < 1:
             raise ConfigError('global_train_batch_size', f'must be at least 1, got {self.global_train_batch_size}')
@@ -78,11 +114,33 @@ class TrainConfig:
             raise ConfigError('device_train_microbatch_size', 'must be at least 1')
         if self.max_seq_len is not None and self.max_seq_len > self.model.max_seq_len:
             raise ConfigError('max_seq_len', f'{self.max_seq_len} exceeds model.max_seq_len ({self.model.max_seq_len})')
+        check_icl_seq_lens(self.icl_tasks or (), self.icl_seq_len, self.model.max_seq_len)
         if self.autoresume and not self.save_folder:
             raise ConfigError('autoresume', 'needs save_folder (where to look for the latest checkpoint)')
         for section in ('optimizer', 'scheduler'):
             if 'name' not in getattr(self, section):
                 raise ConfigError(f'{section}.name', 'required key is missing')
+        if self.init_from is not None and self.load_path is not None:
+            raise ConfigError('init_from', 'give init_from (starting weights) or load_path (a Composer checkpoint '
+                                           'to resume), not both')
+        if self.lora is not None:
+            if self.init_from is None and self.load_path is None:
+                raise ConfigError('lora', 'adapters tune pretrained weights: set init_from')
+            check_layers(self.lora.layers, self.model.n_layers, 'lora.layers')
+        if self.freeze is not None:
+            check_layers(self.freeze.layers, self.model.n_layers, 'freeze.layers')
+        if self.curriculum is not None and self.train_loader.name != 'text':
+            raise ConfigError('curriculum', f'mixes the streams of a text train_loader, not of a '
+                                            f'{self.train_loader.name} one')
+        _ = self.schedule  # the curriculum's streams, durations and coverage of max_duration, checked now
+
+    @functools.cached_property
+    def schedule(self) -> Schedule | None:
+        """The curriculum in whole steps; None without a `curriculum` section."""
+        if self.curriculum is None:
+            return None
+        return resolve_schedule(self.curriculum, self.train_loader.dataset, self.max_duration,
+                                self.global_train_batch_size, self.seq_len)
 
     @property
     def seq_len(self) -> int:

@@ -14,22 +14,28 @@ from pathlib import Path
 
 import torch
 from composer import Trainer
-from composer.core import DataSpec
+from composer.core import DataSpec, Evaluator
 from composer.utils import dist, reproducibility
 from composer.utils.parallelism import FSDP2Config
 
 from dbrx_train.checkpoint import CONFIG_FILE, read_config, write_config
 from dbrx_train.data import build_text_dataloader
+from dbrx_train.data.finetuning import build_finetuning_dataloader
+from dbrx_train.data.mixture import build_mixture_dataloader
 from dbrx_train.errors import ConfigError
+from dbrx_train.evaluation.icl import build_icl_evaluators
 from dbrx_train.training.callbacks import MetricsFileLogger, MoEMonitor
-from dbrx_train.training.composer_model import ComposerDbrx
+from dbrx_train.training.composer_model import LM_METRICS, ComposerDbrx
 from dbrx_train.training.config import TrainConfig
+from dbrx_train.training.curriculum_monitor import CurriculumMonitor
+from dbrx_train.training.finetune import check_init_from, prepare_model, start_from_pretrained
 from dbrx_train.training.hardware import matmul_peak_flops
 
 log = logging.getLogger(__name__)
 
-OUR_CALLBACKS = {'moe_monitor': MoEMonitor}
+OUR_CALLBACKS = {'moe_monitor': MoEMonitor, 'curriculum_monitor': CurriculumMonitor}
 OUR_LOGGERS = {'metrics_file': MetricsFileLogger}
+DATALOADERS = {'text': build_text_dataloader, 'finetuning': build_finetuning_dataloader}  # by loader name
 
 
 def _register_ours() -> None:
@@ -107,13 +113,23 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
     reproducibility.seed_all(cfg.seed)
     batch_per_device = device_batch_size(cfg, dist.get_world_size())
 
+    check_init_from(cfg.init_from, cfg.model)  # before the model is built: that can take long
     model = ComposerDbrx(cfg.model, device=_init_device(cfg, device))
-    train_loader = build_text_dataloader(cfg.train_loader, batch_per_device, cfg.seq_len)
-    eval_loader = None
+    prepare_model(model.model, cfg.freeze, cfg.lora)  # what trains, before the optimizer sees it
+    if cfg.curriculum is not None:
+        train_loader = build_mixture_dataloader(cfg.train_loader, cfg.schedule, cfg.seq_len)
+    else:
+        train_loader = DATALOADERS[cfg.train_loader.name](cfg.train_loader, batch_per_device, cfg.seq_len)
+    evaluators = []
+    eval_batch = cfg.device_eval_batch_size or batch_per_device
     if cfg.eval_loader is not None:
-        eval_loader = DataSpec(build_text_dataloader(cfg.eval_loader, cfg.device_eval_batch_size or batch_per_device,
-                                                     cfg.seq_len, section='eval_loader'),
+        build_loader = DATALOADERS[cfg.eval_loader.name]
+        eval_loader = DataSpec(build_loader(cfg.eval_loader, eval_batch, cfg.seq_len, section='eval_loader'),
                                get_num_tokens_in_batch=_num_tokens)
+        evaluators.append(Evaluator(label='eval', dataloader=eval_loader, metric_names=list(LM_METRICS)))
+    if cfg.icl_tasks is not None:
+        evaluators += build_icl_evaluators(cfg.icl_tasks, cfg.icl_seq_len or cfg.seq_len, eval_batch,
+                                           cfg.icl_subset_num_batches)
 
     optimizer_kwargs = {k: v for k, v in cfg.optimizer.items() if k != 'name'}
     optimizer = _build_from_registry('optimizer', cfg.optimizer['name'], optimizer_kwargs,
@@ -124,16 +140,20 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
     callbacks = [_build_from_registry('callbacks', n, _callback_kwargs(n, kw or {}, device), build_callback)
                  for n, kw in cfg.callbacks.items()]
     loggers = [_build_from_registry('loggers', n, kw or {}, build_logger) for n, kw in cfg.loggers.items()]
+    if cfg.curriculum is not None and 'curriculum_monitor' not in cfg.callbacks:
+        callbacks.append(CurriculumMonitor())  # the phase and the mix of every step belong in every log
+    if cfg.curriculum is not None and cfg.python_log_level:
+        logging.getLogger(CurriculumMonitor.__module__).setLevel(cfg.python_log_level.upper())  # phase changes
 
     if cfg.save_folder is not None and dist.get_global_rank() == 0:
         save_model_config(cfg)
     fsdp = _fsdp2(cfg, device)
-    return Trainer(
+    trainer = Trainer(
         run_name=cfg.run_name,
         seed=cfg.seed,
         model=model,
         train_dataloader=DataSpec(train_loader, get_num_tokens_in_batch=_num_tokens),
-        eval_dataloader=eval_loader,
+        eval_dataloader=evaluators or None,
         eval_interval=cfg.eval_interval,
         eval_subset_num_batches=cfg.eval_subset_num_batches,
         max_duration=cfg.max_duration,
@@ -158,6 +178,8 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
         dist_timeout=cfg.dist_timeout,
         python_log_level=cfg.python_log_level,
     )
+    start_from_pretrained(trainer, cfg.init_from, cfg.lora)  # into the placed (and sharded) model
+    return trainer
 
 
 def save_model_config(cfg: TrainConfig) -> None:

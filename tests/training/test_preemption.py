@@ -98,7 +98,7 @@ def test_a_signal_on_one_rank_stops_every_rank_after_the_same_batch(tmp_path):
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
         port = s.getsockname()[1]
-    ctx = multiprocessing.get_context('fork')
+    ctx = multiprocessing.get_context('spawn')  # fork would inherit a process group an earlier test set up
     results = ctx.Queue()
     procs = [ctx.Process(target=_rank_main, args=(rank, 2, port, tmp_path, results)) for rank in range(2)]
     for p in procs:

@@ -1,0 +1,70 @@
+"""Evaluates a saved model with Composer: perplexity per held-out stream, then each ICL task."""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+from composer.core import Evaluator
+
+from dbrx_train.data import LoaderConfig
+from dbrx_train.evaluation.config import EvalConfig
+
+
+def stream_evaluators(loader: LoaderConfig, batch_size: int, seq_len: int, subset_num_batches: int = -1
+                      ) -> list[Evaluator]:
+    """Cross-entropy and perplexity of each stream on its own, labelled `eval/<stream>`
+    (llm-foundry's label for several eval loaders); a loader without streams is `eval`."""
+    from dbrx_train.data import build_text_dataloader
+    from dbrx_train.training.composer_model import LM_METRICS
+
+    dataset = loader.dataset
+    parts = {f'eval/{name}': dataclasses.replace(loader, dataset=dataclasses.replace(dataset, streams={name: stream}))
+             for name, stream in dataset.streams.items()} or {'eval': loader}
+    return [Evaluator(label=label, dataloader=build_text_dataloader(part, batch_size, seq_len, section='eval_loader'),
+                      metric_names=list(LM_METRICS), subset_num_batches=subset_num_batches)
+            for label, part in parts.items()]
+
+
+def evaluate(cfg: EvalConfig) -> dict[str, float]:
+    """Every metric as logged (`metrics/<evaluator>/<metric>` -> value), also to `cfg.loggers`."""
+    from dbrx_train.saved_model import describe
+
+    _, model_config = describe(cfg.checkpoint)  # its format and config, before anything slow
+    cfg.check_model(model_config)
+    if cfg.eval_loader is not None:
+        from dbrx_train.data import check_local_data
+
+        check_local_data(cfg.eval_loader.dataset, 'eval_loader.dataset')
+    from composer import Trainer
+    from composer.loggers import InMemoryLogger
+    from composer.utils import dist, reproducibility
+    from llmfoundry.utils.builders import build_logger
+
+    from dbrx_train.evaluation.icl import build_icl_evaluators
+    from dbrx_train.pretrained import load_pretrained
+    from dbrx_train.training.composer_model import ComposerDbrx
+    from dbrx_train.training.trainer import _build_from_registry, _register_ours, resolve_device
+
+    _register_ours()
+    device = resolve_device(cfg)
+    dist.initialize_dist(device)
+    reproducibility.seed_all(cfg.seed)
+    seq_len = cfg.max_seq_len or model_config.max_seq_len
+    evaluators = []  # the data first: its errors come before the weights are read
+    if cfg.eval_loader is not None:
+        evaluators += stream_evaluators(cfg.eval_loader, cfg.device_eval_batch_size, seq_len, cfg.eval_subset_num_batches)
+    if cfg.icl_tasks is not None:
+        evaluators += build_icl_evaluators(cfg.icl_tasks, cfg.icl_seq_len or seq_len, cfg.device_eval_batch_size,
+                                           cfg.icl_subset_num_batches)
+    model = load_pretrained(cfg.checkpoint)
+    recorder = InMemoryLogger()
+    loggers = [_build_from_registry('loggers', n, kw or {}, build_logger) for n, kw in cfg.loggers.items()]
+    with warnings.catch_warnings():
+        warnings.filterwarnings('ignore', message='No optimizer was specified')  # none is needed to evaluate
+        trainer = Trainer(run_name=cfg.run_name, seed=cfg.seed, model=ComposerDbrx(model), eval_dataloader=evaluators,
+                          device=device, precision=cfg.precision, loggers=[*loggers, recorder],
+                          progress_bar=cfg.progress_bar, log_to_console=False, python_log_level=cfg.python_log_level)
+    trainer.eval()
+    trainer.close()
+    return {key: float(value) for key, value in recorder.most_recent_values.items() if key.startswith('metrics/')}

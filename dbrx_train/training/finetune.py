@@ -1,0 +1,196 @@
+"""Fine-tuning around the trainer: what trains (freezing, LoRA) and the weights it starts from.
+
+`prepare_model` runs before the optimizer is built: it freezes what the `freeze` section names and
+adds the `lora` adapters (which freeze everything else). `start_from_pretrained` runs once Composer
+has placed, and with FSDP sharded, the model: it fills the model from `init_from`, each rank reading
+only the slices of the tensors it holds (safetensors slices; `torch.distributed.checkpoint` for a
+sharded Composer checkpoint). With `init_device: meta` (GPUs) no process ever holds more than its
+shard of the model; with `cpu` every rank first builds the whole model, with `mixed` rank 0 does. A
+run that resumed from its own checkpoint keeps what it resumed.
+
+`init_from` is a transformers DBRX directory, a dbrx_train checkpoint, or a Composer save_folder /
+checkpoint of this framework (a full `.pt` one is a single pickle, read whole).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dbrx_train.checkpoint import StoredTensor
+from dbrx_train.errors import CheckpointError, ConfigError
+from dbrx_train.model.config import ModelConfig
+from dbrx_train.model.dbrx import DbrxLM
+from dbrx_train.model.lora import LoraConfig, apply_lora, base_parameters, check_layers, initial_adapter_values
+from dbrx_train.typed_config import to_dict
+
+log = logging.getLogger(__name__)
+
+# Model settings that only shape training, so a checkpoint and the YAML may disagree on them.
+TRAINING_ONLY_SETTINGS = {'max_seq_len', 'init_std', 'moe_backend', 'ffn_config.moe_jitter_eps',
+                          'ffn_config.moe_loss_weight'}
+
+
+@dataclass(frozen=True)
+class FreezeConfig:
+    """The `freeze` section: parameters that keep their starting values."""
+
+    embeddings: bool = False  # wte
+    lm_head: bool = False
+    router: bool = False  # every block's router
+    layers: list[int] = field(default_factory=list)  # whole transformer blocks
+    params: list[str] = field(default_factory=list)  # glob patterns on parameter names, e.g. 'blocks.*.norm_*'
+
+    def patterns(self) -> list[tuple[str, str]]:
+        """(YAML key, glob pattern) of everything to freeze."""
+        found = [('freeze.embeddings', 'wte.*')] if self.embeddings else []
+        found += [('freeze.lm_head', 'lm_head.*')] if self.lm_head else []
+        found += [('freeze.router', 'blocks.*.ffn.router.*')] if self.router else []
+        found += [(f'freeze.layers[{n}]', f'blocks.{i}.*') for n, i in enumerate(self.layers)]
+        return found + [(f'freeze.params[{n}]', p) for n, p in enumerate(self.params)]
+
+
+def apply_freeze(model: DbrxLM, config: FreezeConfig) -> None:
+    check_layers(config.layers, model.config.n_layers, 'freeze.layers')
+    params = base_parameters(model)
+    for key, pattern in config.patterns():
+        matched = [name for name in params if fnmatch.fnmatchcase(name, pattern)]
+        if not matched:
+            raise ConfigError(key, f'{pattern!r} matches no parameter (names look like {next(iter(params))!r})')
+        for name in matched:
+            params[name].requires_grad_(False)
+
+
+def prepare_model(model: DbrxLM, freeze: FreezeConfig | None, lora: LoraConfig | None) -> None:
+    """Freezing and adapters, before the optimizer sees the parameters."""
+    if freeze is not None:
+        apply_freeze(model, freeze)
+    if lora is not None:
+        apply_lora(model, lora)
+    if freeze is not None or lora is not None:
+        total = sum(p.numel() for p in model.parameters())
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        log.info('training %d of %d parameters (%.2f%%)', trainable, total, 100 * trainable / total)
+
+
+# ---------------------------------------------------------------- starting weights
+
+
+def check_compatible(config: ModelConfig, source_config: ModelConfig, source: str | Path) -> None:
+    """`ConfigError` naming the first `model` setting that differs from the checkpoint's architecture."""
+    ours, theirs = _flatten(to_dict(config)), _flatten(to_dict(source_config))
+    for key, value in ours.items():
+        if key not in TRAINING_ONLY_SETTINGS and theirs[key] != value:
+            raise ConfigError(f'model.{key}', f'is {value!r} but {source} has {theirs[key]!r}: the model section must '
+                                              'describe the init_from checkpoint')
+
+
+def _flatten(values: dict, prefix: str = '') -> dict:
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f'{prefix}{key}.'))
+        else:
+            flat[f'{prefix}{key}'] = value
+    return flat
+
+
+def start_from_pretrained(trainer, init_from: str | None, lora: LoraConfig | None) -> None:
+    """Loads `init_from` into the trainer's (possibly sharded) model and (re)draws the LoRA adapters,
+    unless the trainer resumed from a checkpoint of its own."""
+    if init_from is None:
+        return
+    if int(trainer.state.timestamp.batch) > 0:
+        log.info('resumed at batch %d: not loading init_from', int(trainer.state.timestamp.batch))
+        return
+    model = trainer.state.model.model
+    load_initial_weights(model, init_from)
+    if lora is not None:
+        # Composer may have materialised the adapters from meta without initialising them.
+        with torch.no_grad():
+            for tensor, value in initial_adapter_values(model, lora.seed):
+                _local(tensor).copy_(value[_local_region(tensor)])
+
+
+def check_init_from(init_from: str | None, config: ModelConfig) -> None:
+    """Fails fast, before a model is built, when `init_from` is missing or of another architecture."""
+    if init_from is not None:
+        from dbrx_train.saved_model import describe
+
+        check_compatible(config, describe(init_from)[1], init_from)
+
+
+def load_initial_weights(model: DbrxLM, source: str | Path) -> None:
+    """Fills every base parameter of `model` (plain, LoRA-adapted, FSDP-sharded) from `source`."""
+    from dbrx_train.saved_model import COMPOSER, describe, safetensors_index
+
+    source = Path(source)
+    kind, source_config = describe(source)
+    check_compatible(model.config, source_config, source)
+    targets = base_parameters(model)
+    if kind == COMPOSER:
+        _load_composer(targets, source)
+    else:
+        _load_slices(targets, safetensors_index(source, kind, source_config))
+    log.info('loaded %d tensors from %s (%s)', len(targets), source, kind)
+
+
+def _load_slices(targets: dict[str, nn.Parameter], index: dict[str, StoredTensor]) -> None:
+    """Each rank reads, file by file, only the part of each tensor that it holds."""
+    from safetensors import safe_open
+    from tqdm import tqdm
+
+    by_file: dict[Path, list[str]] = {}
+    for name, stored in index.items():
+        by_file.setdefault(stored.file, []).append(name)
+    with torch.no_grad(), tqdm(total=len(index), desc='loading init_from', unit='tensor', disable=None) as progress:
+        for file, names in by_file.items():
+            with safe_open(file, framework='pt', device='cpu') as f:
+                for name in names:
+                    param = targets[name]
+                    _local(param).copy_(f.get_slice(index[name].key)[_local_region(param)])
+                    progress.update()
+
+
+def _load_composer(targets: dict[str, nn.Parameter], source: Path) -> None:
+    from dbrx_train.composer_checkpoint import MODEL_PREFIX, load_composer_checkpoint, resolve
+
+    checkpoint = resolve(source)
+    if checkpoint.is_dir():
+        import torch.distributed as torch_dist
+        import torch.distributed.checkpoint as dcp
+
+        stored = dcp.FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
+        missing = [name for name in targets if MODEL_PREFIX + name not in stored]
+        if missing:
+            raise CheckpointError(f'{checkpoint}: tensor {missing[0]} is missing')
+        # DCP reads into each rank's shard of every target, in place.
+        dcp.load({MODEL_PREFIX + name: param for name, param in targets.items()}, checkpoint_id=str(checkpoint),
+                 no_dist=not torch_dist.is_initialized())
+        return
+    # A full checkpoint is one pickle of the whole model: there is no reading it in part.
+    state = load_composer_checkpoint(checkpoint).state_dict()
+    with torch.no_grad():
+        for name, param in targets.items():
+            _local(param).copy_(state[name][_local_region(param)])
+
+
+def _local(param: torch.Tensor) -> torch.Tensor:
+    """This rank's part of `param`: the local shard of an FSDP2 DTensor, else the tensor itself."""
+    return param.to_local() if hasattr(param, 'to_local') else param
+
+
+def _local_region(param: torch.Tensor) -> tuple[slice, ...]:
+    """Where this rank's part of `param` lies in the full tensor."""
+    if hasattr(param, 'device_mesh'):
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+    else:
+        shape, offset = param.shape, (0,) * param.dim()
+    return tuple(slice(start, start + size) for start, size in zip(offset, shape))
