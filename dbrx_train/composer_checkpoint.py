@@ -67,7 +67,13 @@ def _load_sharded(checkpoint: Path, model: DbrxLM) -> None:
 def _load_full(checkpoint: Path, model: DbrxLM) -> None:
     state = torch.load(checkpoint, map_location='cpu', weights_only=False)  # Composer pickles its state
     weights = {k.removeprefix('model.'): v for k, v in state['state']['model'].items()}
-    try:
-        model.load_state_dict(weights, strict=True)
-    except RuntimeError as e:
-        raise CheckpointError(f'{checkpoint}: {str(e).splitlines()[0]} {str(e).splitlines()[1:2]}') from None
+    for name, tensor in model.state_dict().items():
+        if name not in weights:
+            raise CheckpointError(f'{checkpoint}: tensor {name} is missing')
+        if weights[name].shape != tensor.shape:
+            raise CheckpointError(f'{checkpoint}: tensor {name} has shape {tuple(weights[name].shape)}, '
+                                  f'the config needs {tuple(tensor.shape)}')
+    unexpected = sorted(set(weights) - set(model.state_dict()))
+    if unexpected:
+        raise CheckpointError(f'{checkpoint}: tensor {unexpected[0]} is not part of the model its config describes')
+    model.load_state_dict(weights, strict=True)

@@ -43,8 +43,36 @@ def main(argv: list[str] | None = None) -> None:
     if subprocess.run(command, env={**os.environ, 'PYTHONUNBUFFERED': '1'}).returncode != 0:
         raise UserError('training failed (see the log above)')
 
+    metrics_file = cfg.loggers.get('metrics_file', {}).get('path')
+    if metrics_file and Path(metrics_file).is_file():
+        print(training_summary(Path(metrics_file)), flush=True)
     print('== 3/3 sample generations from the trained model', flush=True)
     show_samples(cfg.save_folder)
+
+
+def training_summary(metrics_file: Path, window: int = 10) -> str:
+    """LM loss over the first and last `window` steps of each curriculum phase, and the speed."""
+    import json
+    import statistics
+
+    steps: dict[int, dict] = {}
+    for line in metrics_file.read_text().splitlines():
+        record = json.loads(line)
+        steps.setdefault(record.pop('step'), {}).update(record)
+    phases: dict[int, list[float]] = {}
+    for step in sorted(steps):
+        if 'loss/train/lm' in steps[step]:
+            phases.setdefault(int(steps[step].get('curriculum/phase', 0)), []).append(steps[step]['loss/train/lm'])
+    lines = [f'training summary ({metrics_file}): LM loss, mean of the first / last {window} steps']
+    for phase, losses in phases.items():
+        lines.append(f'  phase {phase}: {statistics.fmean(losses[:window]):.3f} -> {statistics.fmean(losses[-window:]):.3f}'
+                     f' over {len(losses)} steps')
+    speeds = [m['throughput/tokens_per_sec'] for m in steps.values() if 'throughput/tokens_per_sec' in m]
+    mfus = [m['throughput/device/mfu'] for m in steps.values() if 'throughput/device/mfu' in m]
+    if speeds:
+        lines.append(f'  speed: {statistics.median(speeds):,.0f} tokens/s, MFU {statistics.median(mfus):.1%} '
+                     f'of the measured fp32 matmul peak (medians)')
+    return '\n'.join(lines)
 
 
 def show_samples(save_folder: str) -> None:

@@ -88,6 +88,11 @@ def _fsdp2(cfg: TrainConfig, device: str) -> FSDP2Config | None:
     fsdp = cfg.fsdp_config
     if fsdp is None:
         return None
+    if dist.get_world_size() == 1 and not fsdp.activation_checkpointing:
+        # As llm-foundry does: one rank has nothing to shard, and FSDP2's per-block gathers and
+        # gradient reduce-scatters still cost about a fifth of a CPU step (bench/bench_trainer.py).
+        log.info('one process: training without FSDP (nothing to shard)')
+        return None
     mesh = None
     if fsdp.sharding_strategy == 'HYBRID_SHARD':
         from torch.distributed.device_mesh import init_device_mesh
@@ -154,7 +159,7 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
         model=model,
         train_dataloader=DataSpec(train_loader, get_num_tokens_in_batch=_num_tokens),
         eval_dataloader=evaluators or None,
-        eval_interval=cfg.eval_interval,
+        eval_interval=cfg.eval_interval if evaluators else 1,  # Composer warns of an interval with nothing to run
         eval_subset_num_batches=cfg.eval_subset_num_batches,
         max_duration=cfg.max_duration,
         optimizers=optimizer,

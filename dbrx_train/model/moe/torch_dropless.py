@@ -30,6 +30,6 @@ class TorchDroplessExperts(Experts):
         outputs = []
         for e, rows in enumerate(routed.split(rows_per_expert)):
             if rows.shape[0]:
-                outputs.append((F.silu(rows @ w1[e].t()) * (rows @ v1[e].t())) @ w2[e])
+                outputs.append((F.silu(F.linear(rows, w1[e])) * F.linear(rows, v1[e])) @ w2[e])
         expert_out = torch.cat(outputs) * top_weights.reshape(-1, 1)[order].to(x.dtype)
         return torch.zeros_like(x).index_add_(0, token_of_row, expert_out)
