@@ -20,8 +20,12 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m dbrx_train.demo
 
+# Each script prints a markdown table (see bench/README.md); about 15 minutes on 2 cores.
 bench: $(STAMP)
 	$(PY) bench/bench_model.py
+	$(PY) bench/bench_trainer.py
+	$(PY) bench/bench_serve.py
+	$(PY) bench/bench_curriculum.py
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

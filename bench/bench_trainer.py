@@ -3,7 +3,8 @@
 - bare step: `DbrxLM.loss` + backward + gradient clipping + AdamW step, on a batch already in memory;
 - Composer trainer: the same model, batch and optimizer through `build_trainer` (FSDP2, Streaming
   loader, callbacks), timed by Composer's own speed monitor over the last `--steps` batches;
-- data loader: tokens/s of the Streaming text loader alone.
+- data loaders: tokens/s of the Streaming text loader alone, and of the curriculum loader the demo
+  config trains with.
 
 MFU is against this process's measured fp32 matmul peak. Run: `.venv/bin/python bench/bench_trainer.py`.
 """
@@ -11,8 +12,10 @@ MFU is against this process's measured fp32 matmul peak. Run: `.venv/bin/python 
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -51,20 +54,19 @@ def trainer_tokens_per_s(overrides: list[str], steps: int, warmup: int) -> float
     from dbrx_train.train import load_config
     from dbrx_train.training.trainer import build_trainer
 
-    cfg = load_config([str(CONFIG), *overrides, f'max_duration={warmup + steps}ba', 'save_folder=null',
-                       'autoresume=false', 'progress_bar=false', 'python_log_level=error',
+    save_folder = tempfile.mkdtemp(prefix='bench-trainer-')  # save_on_signal needs one; nothing is timed there
+    cfg = load_config([str(CONFIG), *overrides, f'max_duration={warmup + steps}ba', f'save_folder={save_folder}',
+                       'save_interval=1000ba', 'autoresume=false', 'progress_bar=false', 'python_log_level=error',
                        f'callbacks.speed_monitor.window_size={steps}', 'loggers={inmemory: {}}'])
     trainer = build_trainer(cfg)
     memory = next(d for d in trainer.logger.destinations if isinstance(d, InMemoryLogger))
     trainer.fit()
     trainer.close()
+    shutil.rmtree(save_folder, ignore_errors=True)
     return memory.data['throughput/tokens_per_sec'][-1][1]
 
 
-def loader_tokens_per_s(cfg, batches: int) -> float:
-    from dbrx_train.data import build_text_dataloader
-
-    loader = build_text_dataloader(cfg.train_loader, cfg.global_train_batch_size, cfg.seq_len)
+def loader_tokens_per_s(loader, batches: int) -> float:
     iterator = iter(loader)
     next(iterator)  # open shards
     start, tokens = time.perf_counter(), 0
@@ -81,7 +83,7 @@ def main() -> None:
     args = parser.parse_args()
     steps, warmup = (3, 1) if args.quick else (args.steps, args.warmup)
 
-    from dbrx_train.data import build_text_dataloader, make_embedded_corpus
+    from dbrx_train.data import build_mixture_dataloader, build_text_dataloader, make_embedded_corpus
     from dbrx_train.model.flops import train_flops_per_token
     from dbrx_train.train import load_config
     from dbrx_train.training.hardware import matmul_peak_flops
@@ -95,15 +97,18 @@ def main() -> None:
     flops_per_token = train_flops_per_token(cfg.model, cfg.seq_len)
     bare = bare_step_tokens_per_s(cfg, batch, steps, warmup)
     composer = trainer_tokens_per_s(overrides, steps, warmup)
-    loader = loader_tokens_per_s(cfg, batches=50)
+    plain = loader_tokens_per_s(build_text_dataloader(cfg.train_loader, cfg.global_train_batch_size, cfg.seq_len), 50)
+    mixture = loader_tokens_per_s(build_mixture_dataloader(cfg.train_loader, cfg.schedule, cfg.seq_len, 0, 1), 50)
 
     print(f'\ndbrx-tiny, batch {cfg.global_train_batch_size} x {cfg.seq_len} tokens, fp32, '
           f'{torch.get_num_threads()} threads; measured fp32 matmul peak {peak / 1e9:.1f} GFLOP/s\n')
     print('| measurement | tokens/s | MFU | vs bare step |')
     print('|---|---:|---:|---:|')
-    for name, rate in (('bare model step', bare), ('Composer trainer step (FSDP2, loader, callbacks)', composer)):
+    trainer_row = 'Composer trainer step (loader, callbacks; one process: no FSDP)'
+    for name, rate in (('bare model step', bare), (trainer_row, composer)):
         print(f'| {name} | {rate:,.0f} | {rate * flops_per_token / peak:.1%} | {rate / bare:.2f}x |')
-    print(f'| Streaming data loader alone | {loader:,.0f} | | {loader / composer:.0f}x the trainer |')
+    print(f'| Streaming text loader alone | {plain:,.0f} | | {plain / composer:.0f}x the trainer |')
+    print(f'| curriculum (mixture) loader alone, as trained | {mixture:,.0f} | | {mixture / composer:.0f}x the trainer |')
     print(f'\nframework overhead: {1 - composer / bare:.1%} of the bare step time')
 
 

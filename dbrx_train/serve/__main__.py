@@ -7,6 +7,7 @@ import argparse
 import logging
 import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 from dbrx_train.errors import ConfigError, cli_entry
 from dbrx_train.serve.config import API_KEY_ENV, ServeConfig
@@ -59,7 +60,11 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format='%(levelname)s:     %(message)s')  # as uvicorn's lines
     if config.api_key is None and config.host not in ('127.0.0.1', 'localhost', '::1'):
         log.warning('serving on %s without an API key: anyone who can reach it can use it', config.host)
-    model = load_model(config)
+    # Loaded on a thread that then ends, so that the engine thread's OpenMP team is the process's
+    # only one: with a second (idle) team libgomp sees more threads than cores and stops spin-waiting
+    # between kernels, which halves CPU decoding speed (measured with bench/bench_serve.py).
+    with ThreadPoolExecutor(1, thread_name_prefix='load') as loader:
+        model = loader.submit(load_model, config).result()
     app = create_app(model, get_encoding(), config)
     log.info('serving %s (%s, %s) on http://%s:%d; API key %s', config.checkpoint, model.lm_head.weight.device,
              model.lm_head.weight.dtype, config.host, config.port, 'required' if config.api_key else 'off')
