@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import random
-import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,8 +31,7 @@ from dbrx_train.data.text_to_mds import (
     PREP_INFO_FILE,
     check_output_dir,
     expand_inputs,
-    replace_dir,
-    sibling_dir,
+    staged_output,
 )
 from dbrx_train.errors import UserError
 
@@ -196,8 +194,7 @@ def convert_finetuning_to_mds(
     examples = dict.fromkeys(splits, 0)
     tokens = dict.fromkeys(splits, 0)
     longest = 0
-    tmp = sibling_dir(out, 'tmp')
-    try:
+    with staged_output(out) as tmp:
         writers = {s: MDSWriter(out=str(tmp / s), columns=MDS_COLUMNS, compression=compression) for s in splits}
         for chat in tqdm(iter_examples(inputs, bad, hf_split), desc='tokenizing', unit='example', disable=None):
             split = EVAL_SPLIT if eval_fraction and chooser.random() < eval_fraction else TRAIN_SPLIT
@@ -217,8 +214,4 @@ def convert_finetuning_to_mds(
         info = {**asdict(stats), 'inputs': [str(p) for p in inputs], 'eval_fraction': eval_fraction, 'seed': seed,
                 'bad_line_list': [{'where': w, 'problem': p} for w, p in bad.found]}
         (tmp / PREP_INFO_FILE).write_text(json.dumps(info, indent=2) + '\n')
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return stats

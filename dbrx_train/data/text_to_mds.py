@@ -8,6 +8,7 @@ written into a temporary directory beside the output that is renamed into place 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import multiprocessing
@@ -233,8 +234,7 @@ def convert_to_mds(
     out = check_output_dir(out, overwrite)  # before any input is read
     out.parent.mkdir(parents=True, exist_ok=True)
     max_samples = None if max_tokens is None else max_tokens // seq_len
-    tmp = sibling_dir(out, 'tmp')
-    try:
+    with staged_output(out) as tmp:
         writer = MDSWriter(out=str(tmp), columns=MDS_COLUMNS, compression=compression)
         documents_read = samples = tokens_read = 0
         pending = np.empty(0, dtype=np.int32)
@@ -260,25 +260,34 @@ def convert_to_mds(
         stats = ConversionStats(documents_read, samples, seq_len, tokens_read - samples * seq_len)
         prep_info = {**asdict(stats), 'tokens': stats.tokens, **(info or {})}
         (tmp / PREP_INFO_FILE).write_text(json.dumps(prep_info, indent=2) + '\n')
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return stats
 
 
-def replace_dir(new: Path, out: Path) -> None:
+@contextlib.contextmanager
+def staged_output(out: Path) -> Iterator[Path]:
+    """A new directory beside `out` to write into: it replaces `out` when the block completes and is
+    removed when the block fails, so `out` only ever holds a finished output."""
+    tmp = _sibling_dir(out, 'tmp')
+    try:
+        yield tmp
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _replace_dir(new: Path, out: Path) -> None:
     """Moves `new` to `out`; an old `out` is only deleted once the new one is in place."""
     old = None
     if out.exists():
-        old = sibling_dir(out, 'old')
+        old = _sibling_dir(out, 'old')
         os.replace(out, old / out.name)
     os.replace(new, out)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def sibling_dir(out: Path, tag: str) -> Path:
+def _sibling_dir(out: Path, tag: str) -> Path:
     """A new hidden directory beside `out` (same filesystem, so renames are atomic)."""
     path = out.parent / f'.{out.name}.{tag}-{uuid.uuid4().hex[:12]}'
     path.mkdir()  # unlike mkdtemp's 0700, the umask's usual permissions
