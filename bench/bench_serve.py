@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from bench_model import Row, format_table, write_json
+from bench_model import Row, format_table, log, write_json
 from common import bench_config, model_pair
 
 PROMPT_LEN = 16
@@ -145,10 +145,6 @@ def server_process(model, workdir: Path, max_batch_size: int, dtype: str):
 def health(url: str) -> dict:
     with urllib.request.urlopen(url + '/health', timeout=10) as response:
         return json.load(response)
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def main(argv=None) -> None:
