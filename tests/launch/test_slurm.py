@@ -41,6 +41,22 @@ def _logs(tmp_path: Path, job_id: str) -> dict[str, str]:
     return found
 
 
+def _decompress_shards(corpus: Path) -> None:
+    """Writes each shard's raw file beside its compressed one. This test's two "nodes" share one
+    disk, and Streaming coordinates decompression only among the ranks of one node: on a first
+    read both nodes would decompress the same shard into the same temporary file."""
+    from streaming.base.compression import decompress
+
+    for index in corpus.glob('*/index.json'):
+        for shard in json.loads(index.read_text())['shards']:
+            raw = index.parent / shard['raw_data']['basename']
+            if shard.get('zip_data') and not raw.exists():
+                tmp = raw.with_name(raw.name + '.test-tmp')
+                tmp.write_bytes(decompress(shard['compression'], (index.parent / shard['zip_data']['basename'])
+                                           .read_bytes()))
+                tmp.replace(raw)
+
+
 def _logged_steps(metrics_file: Path) -> list[int]:
     """Every training step in the order the metrics were logged, across runs that append to the file."""
     if not metrics_file.exists():
@@ -51,6 +67,7 @@ def _logged_steps(metrics_file: Path) -> list[int]:
 
 def test_two_node_job_checkpoints_on_the_time_limit_signal_requeues_and_autoresumes(slurm, tiny_corpus, tmp_path):
     run_dir = tmp_path / 'run'
+    _decompress_shards(tiny_corpus)
     overrides = tiny_overrides(tiny_corpus, run_dir, max_duration=f'{STEPS}ba', save_interval='1000ba', **{
         'callbacks.save_on_signal.signals': '[SIGUSR1,SIGTERM]',
         'callbacks.speed_monitor.gpu_flops_available': 1e12})  # no peak measurement at start
