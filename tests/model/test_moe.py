@@ -84,6 +84,16 @@ def test_gradients_match_reference():
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4, msg=lambda m, n=name: f'{n}: {m}')
 
 
+@pytest.mark.parametrize('needs_grad', [(True, True, True, True), (True, False, False, False), (False, True, True, True)])
+def test_glu_recomputing_backward_passes_gradcheck(needs_grad):
+    from dbrx_train.model.moe.torch_dropless import _GLU
+
+    gen = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(shape, dtype=torch.float64, generator=gen).requires_grad_(grad)
+              for shape, grad in zip([(5, 6), (4, 6), (4, 6), (4, 6)], needs_grad)]
+    assert torch.autograd.gradcheck(_GLU.apply, inputs)
+
+
 @pytest.mark.parametrize('chunk_logits', [loss_module.CHUNK_LOGITS, 7 * 50])  # one chunk; chunks of 7 rows
 def test_fused_cross_entropy_equals_full_logits(monkeypatch, chunk_logits):
     monkeypatch.setattr(loss_module, 'CHUNK_LOGITS', chunk_logits)
