@@ -290,10 +290,6 @@ def build_finetuning_dataloader(loader_cfg: FinetuningLoaderConfig | Mapping[str
     dataset = FinetuningDataset(cfg.dataset, max_seq_len, key=f'{section}.dataset')
     sampler = DistributedSampler(dataset, num_replicas=dist.get_world_size(), rank=dist.get_global_rank(),
                                  shuffle=cfg.dataset.shuffle, seed=cfg.dataset.shuffle_seed, drop_last=cfg.drop_last)
-    worker_options = {}
-    if cfg.num_workers > 0:
-        worker_options = {'prefetch_factor': cfg.prefetch_factor, 'persistent_workers': cfg.persistent_workers}
     return DataLoader(dataset, batch_size=device_batch_size, sampler=sampler, collate_fn=collate_finetuning,
-                      drop_last=cfg.drop_last, num_workers=cfg.num_workers, pin_memory=cfg.pin_memory,
-                      timeout=cfg.timeout, **worker_options)
+                      drop_last=cfg.drop_last, **cfg.worker_options())
 

@@ -265,9 +265,5 @@ def build_mixture_dataloader(loader_cfg: LoaderConfig | Mapping[str, Any], sched
     cfg = loader_cfg if isinstance(loader_cfg, LoaderConfig) else parse(LoaderConfig, loader_cfg, 'train_loader')
     text = TextDataset(cfg.dataset, max_seq_len=max_seq_len)
     dataset = MixtureDataset(text, schedule, rank, world_size)
-    worker_options = {}
-    if cfg.num_workers > 0:
-        worker_options = {'prefetch_factor': cfg.prefetch_factor, 'persistent_workers': cfg.persistent_workers}
     # batch_size=None: the dataset yields whole batches, so workers never split one.
-    return DataLoader(dataset, batch_size=None, num_workers=cfg.num_workers, pin_memory=cfg.pin_memory,
-                      timeout=cfg.timeout, **worker_options)
+    return DataLoader(dataset, batch_size=None, **cfg.worker_options())

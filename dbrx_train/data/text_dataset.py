@@ -115,6 +115,13 @@ class LoaderConfig:
         if self.num_workers == 0 and (self.prefetch_factor is not None or self.persistent_workers):
             raise ConfigError('num_workers', 'prefetch_factor and persistent_workers need num_workers > 0')
 
+    def worker_options(self) -> dict[str, Any]:
+        """The DataLoader's worker and memory options (the ones that only exist with workers, when set)."""
+        options = {'num_workers': self.num_workers, 'pin_memory': self.pin_memory, 'timeout': self.timeout}
+        if self.num_workers > 0:
+            options.update(prefetch_factor=self.prefetch_factor, persistent_workers=self.persistent_workers)
+        return options
+
 
 class TextDataset(StreamingDataset):
     """Samples `{'input_ids': LongTensor}` of at most `max_seq_len` tokens from tokenized MDS.
@@ -193,8 +200,5 @@ def build_text_dataloader(loader_cfg: LoaderConfig | Mapping[str, Any], device_b
     """
     cfg = loader_cfg if isinstance(loader_cfg, LoaderConfig) else parse(LoaderConfig, loader_cfg, section)
     dataset = TextDataset(cfg.dataset, batch_size=device_batch_size, max_seq_len=max_seq_len, key=f'{section}.dataset')
-    worker_options = {}
-    if cfg.num_workers > 0:
-        worker_options = {'prefetch_factor': cfg.prefetch_factor, 'persistent_workers': cfg.persistent_workers}
     return DataLoader(dataset, batch_size=device_batch_size, collate_fn=collate_text, drop_last=cfg.drop_last,
-                      num_workers=cfg.num_workers, pin_memory=cfg.pin_memory, timeout=cfg.timeout, **worker_options)
+                      **cfg.worker_options())
