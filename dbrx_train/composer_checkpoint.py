@@ -7,6 +7,8 @@ group and never reads the optimizer state.
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -41,39 +43,47 @@ def load_composer_checkpoint(path: str | Path, device='cpu', dtype: torch.dtype 
                               'writes into save_folder')
     config = read_config(checkpoint.parent)
     model = DbrxLM(config, device='meta').to_empty(device='cpu')
-    if checkpoint.is_dir():
-        _load_sharded(checkpoint, model)
-    else:
-        _load_full(checkpoint, model)
+    shapes, read = stored_model_tensors(checkpoint)
+    check_stored_shapes(checkpoint, shapes, {name: tuple(t.shape) for name, t in model.state_dict().items()})
+    model.load_state_dict({name: read(name) for name in shapes}, strict=True)
     return model.to(device=device, dtype=dtype).eval()
 
 
-def _load_sharded(checkpoint: Path, model: DbrxLM) -> None:
+def stored_model_tensors(checkpoint: Path) -> tuple[dict[str, tuple[int, ...]], Callable[[str], torch.Tensor]]:
+    """The model tensors of a Composer checkpoint by their `DbrxLM` state-dict names (LoRA parts
+    included): each one's shape, and a function that reads one. A sharded checkpoint is read
+    tensor by tensor; a full one is a single pickle, loaded once."""
+    if not checkpoint.is_dir():
+        state = torch.load(checkpoint, map_location='cpu', weights_only=False)  # Composer pickles its state
+        weights = {k.removeprefix('model.'): v for k, v in state['state']['model'].items()}
+        return {name: tuple(t.shape) for name, t in weights.items()}, weights.__getitem__
+
     import torch.distributed.checkpoint as dcp
 
     stored = dcp.FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
-    targets = {}
-    for name, tensor in model.state_dict().items():
-        key = MODEL_PREFIX + name
-        if key not in stored:
-            raise CheckpointError(f'{checkpoint}: tensor {name} is missing')
-        if tuple(stored[key].size) != tuple(tensor.shape):
-            raise CheckpointError(f'{checkpoint}: tensor {name} has shape {tuple(stored[key].size)}, '
-                                  f'the config needs {tuple(tensor.shape)}')
-        targets[key] = tensor
-    dcp.load(targets, checkpoint_id=str(checkpoint), no_dist=True)  # fills the model's tensors in place
+
+    def read(name: str) -> torch.Tensor:
+        meta = stored[MODEL_PREFIX + name]
+        tensor = torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
+        with warnings.catch_warnings():  # 'assuming ... a single process': yes, on purpose
+            warnings.simplefilter('ignore', UserWarning)
+            dcp.load({MODEL_PREFIX + name: tensor}, checkpoint_id=str(checkpoint), no_dist=True)
+        return tensor
+
+    shapes = {key.removeprefix(MODEL_PREFIX): tuple(meta.size) for key, meta in stored.items()
+              if key.startswith(MODEL_PREFIX)}
+    return shapes, read
 
 
-def _load_full(checkpoint: Path, model: DbrxLM) -> None:
-    state = torch.load(checkpoint, map_location='cpu', weights_only=False)  # Composer pickles its state
-    weights = {k.removeprefix('model.'): v for k, v in state['state']['model'].items()}
-    for name, tensor in model.state_dict().items():
-        if name not in weights:
+def check_stored_shapes(checkpoint: Path, stored: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]]
+                        ) -> None:
+    """The tensors a checkpoint holds are the ones its config describes: the first that is missing,
+    of another shape or unexpected is a `CheckpointError` naming it."""
+    for name, shape in expected.items():
+        if name not in stored:
             raise CheckpointError(f'{checkpoint}: tensor {name} is missing')
-        if weights[name].shape != tensor.shape:
-            raise CheckpointError(f'{checkpoint}: tensor {name} has shape {tuple(weights[name].shape)}, '
-                                  f'the config needs {tuple(tensor.shape)}')
-    unexpected = sorted(set(weights) - set(model.state_dict()))
+        if stored[name] != shape:
+            raise CheckpointError(f'{checkpoint}: tensor {name} has shape {stored[name]}, the config needs {shape}')
+    unexpected = sorted(set(stored) - set(expected))
     if unexpected:
-        raise CheckpointError(f'{checkpoint}: tensor {unexpected[0]} is not part of the model its config describes')
-    model.load_state_dict(weights, strict=True)
+        raise CheckpointError(f'{checkpoint}: unexpected tensor {unexpected[0]}')

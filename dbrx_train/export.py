@@ -24,7 +24,6 @@ import itertools
 import json
 import logging
 import tempfile
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -63,43 +62,17 @@ def source_tensors(source: str | Path) -> tuple[ModelConfig, NamedTensors]:
 
 def _composer_tensors(source: Path, config: ModelConfig) -> NamedTensors:
     """Base tensors merged with their LoRA factors, if any, as `merge_lora` would."""
-    from dbrx_train.composer_checkpoint import MODEL_PREFIX, resolve
+    from dbrx_train.composer_checkpoint import check_stored_shapes, resolve, stored_model_tensors
 
     checkpoint = resolve(source)
-    if checkpoint.is_dir():
-        import torch.distributed.checkpoint as dcp
-
-        stored = dcp.FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
-
-        def read(key: str) -> torch.Tensor:
-            meta = stored[key]
-            tensor = torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
-            with warnings.catch_warnings():  # 'assuming ... a single process': yes, on purpose
-                warnings.simplefilter('ignore', UserWarning)
-                dcp.load({key: tensor}, checkpoint_id=str(checkpoint), no_dist=True)
-            return tensor
-
-        keys = [key for key in stored if key.startswith(MODEL_PREFIX)]
-        shapes = {key: tuple(stored[key].size) for key in keys}
-    else:
-        model_state = torch.load(checkpoint, map_location='cpu', weights_only=False)['state']['model']
-        full = {MODEL_PREFIX + k.removeprefix('model.'): v for k, v in model_state.items()}
-        keys, read = list(full), full.__getitem__
-        shapes = {key: tuple(t.shape) for key, t in full.items()}
-    parts: dict[str, dict[str, str]] = {}  # plain name -> part ('weight', 'lora_A', ...) -> stored key
-    for key in keys:
-        plain, part = split_adapted_name(key.removeprefix(MODEL_PREFIX))
-        parts.setdefault(plain, {})[part] = key
+    shapes, read = stored_model_tensors(checkpoint)
+    parts: dict[str, dict[str, str]] = {}  # plain name -> part ('weight', 'lora_A', ...) -> stored name
+    for name in shapes:
+        plain, part = split_adapted_name(name)
+        parts.setdefault(plain, {})[part] = name
     expected = expected_shapes(config)
-    for name, shape in expected.items():
-        key = parts.get(name, {}).get('weight')
-        if key is None:
-            raise CheckpointError(f'{checkpoint}: tensor {name} is missing')
-        if shapes[key] != shape:
-            raise CheckpointError(f'{checkpoint}: tensor {name} has shape {shapes[key]}, the config needs {shape}')
-    unexpected = sorted(set(parts) - set(expected))
-    if unexpected:
-        raise CheckpointError(f'{checkpoint}: unexpected tensor {unexpected[0]}')
+    base_shapes = {plain: shapes[names['weight']] for plain, names in parts.items() if 'weight' in names}
+    check_stored_shapes(checkpoint, base_shapes, expected)
     return _merged(expected, parts, read)
 
 

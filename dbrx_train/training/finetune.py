@@ -158,26 +158,28 @@ def _load_slices(targets: dict[str, nn.Parameter], index: dict[str, StoredTensor
 
 
 def _load_composer(targets: dict[str, nn.Parameter], source: Path) -> None:
-    from dbrx_train.composer_checkpoint import MODEL_PREFIX, load_composer_checkpoint, resolve
+    from dbrx_train.composer_checkpoint import MODEL_PREFIX, resolve, stored_model_tensors
 
     checkpoint = resolve(source)
+    shapes, read = stored_model_tensors(checkpoint)
+    for name, param in targets.items():  # a run's adapters and extras may be there too: not checked
+        if name not in shapes:
+            raise CheckpointError(f'{checkpoint}: tensor {name} is missing')
+        if shapes[name] != tuple(param.shape):
+            raise CheckpointError(f'{checkpoint}: tensor {name} has shape {shapes[name]}, the config needs '
+                                  f'{tuple(param.shape)}')
     if checkpoint.is_dir():
         import torch.distributed as torch_dist
         import torch.distributed.checkpoint as dcp
 
-        stored = dcp.FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
-        missing = [name for name in targets if MODEL_PREFIX + name not in stored]
-        if missing:
-            raise CheckpointError(f'{checkpoint}: tensor {missing[0]} is missing')
         # DCP reads into each rank's shard of every target, in place.
         dcp.load({MODEL_PREFIX + name: param for name, param in targets.items()}, checkpoint_id=str(checkpoint),
                  no_dist=not torch_dist.is_initialized())
         return
     # A full checkpoint is one pickle of the whole model: there is no reading it in part.
-    state = load_composer_checkpoint(checkpoint).state_dict()
     with torch.no_grad():
         for name, param in targets.items():
-            _local(param).copy_(state[name][_local_region(param)])
+            _local(param).copy_(read(name)[_local_region(param)])
 
 
 def _local(param: torch.Tensor) -> torch.Tensor:
