@@ -44,9 +44,9 @@ def evaluate(cfg: EvalConfig) -> dict[str, float]:
     from dbrx_train.evaluation.icl import build_icl_evaluators
     from dbrx_train.pretrained import load_pretrained
     from dbrx_train.training.composer_model import ComposerDbrx
-    from dbrx_train.training.trainer import _build_from_registry, _register_ours, resolve_device
+    from dbrx_train.training.trainer import build_from_registry, register_ours, resolve_device
 
-    _register_ours()
+    register_ours()
     device = resolve_device(cfg)
     dist.initialize_dist(device)
     reproducibility.seed_all(cfg.seed)
@@ -59,7 +59,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, float]:
                                            cfg.icl_subset_num_batches)
     model = load_pretrained(cfg.checkpoint)
     recorder = InMemoryLogger()
-    loggers = [_build_from_registry('loggers', n, kw or {}, build_logger) for n, kw in cfg.loggers.items()]
+    loggers = [build_from_registry('loggers', n, kw or {}, build_logger) for n, kw in cfg.loggers.items()]
     with warnings.catch_warnings():
         warnings.filterwarnings('ignore', message='No optimizer was specified')  # none is needed to evaluate
         trainer = Trainer(run_name=cfg.run_name, seed=cfg.seed, model=ComposerDbrx(model), eval_dataloader=evaluators,

@@ -38,7 +38,7 @@ OUR_LOGGERS = {'metrics_file': MetricsFileLogger}
 DATALOADERS = {'text': build_text_dataloader, 'finetuning': build_finetuning_dataloader}  # by loader name
 
 
-def _register_ours() -> None:
+def register_ours() -> None:
     from llmfoundry import registry
 
     from dbrx_train.training.preemption import SaveOnSignal
@@ -51,7 +51,7 @@ def _register_ours() -> None:
             registry.loggers.register(name, func=cls)
 
 
-def _build_from_registry(kind: str, name: str, kwargs: dict, build):
+def build_from_registry(kind: str, name: str, kwargs: dict, build):
     try:
         return build(name, dict(kwargs))
     except Exception as e:  # the registries raise a variety of types for an unknown name or bad kwargs
@@ -109,12 +109,24 @@ def _fsdp2(cfg: TrainConfig, device: str) -> FSDP2Config | None:
                        state_dict_type=fsdp.state_dict_type, mixed_precision=fsdp.mixed_precision)
 
 
+def _setup_logging(level: str | None) -> None:
+    """Composer's Trainer configures logging for `composer` when it is built; this does the same
+    for `dbrx_train`, earlier, so that start-up lines (FSDP, init_from, curriculum) show too."""
+    if level is None:
+        return
+    logging.basicConfig(  # the handler and format Composer's Trainer would install
+        format=f'%(asctime)s: rank{dist.get_global_rank()}[%(process)d][%(threadName)s]: %(levelname)s: %(name)s: '
+               '%(message)s')
+    logging.getLogger('dbrx_train').setLevel(level.upper())
+
+
 def build_trainer(cfg: TrainConfig) -> Trainer:
     from llmfoundry.utils.builders import build_algorithm, build_callback, build_logger, build_optimizer, build_scheduler
 
-    _register_ours()
+    register_ours()
     device = resolve_device(cfg)
     dist.initialize_dist(device, timeout=cfg.dist_timeout)
+    _setup_logging(cfg.python_log_level)
     reproducibility.seed_all(cfg.seed)
     batch_per_device = device_batch_size(cfg, dist.get_world_size())
 
@@ -137,18 +149,16 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
                                            cfg.icl_subset_num_batches)
 
     optimizer_kwargs = {k: v for k, v in cfg.optimizer.items() if k != 'name'}
-    optimizer = _build_from_registry('optimizer', cfg.optimizer['name'], optimizer_kwargs,
+    optimizer = build_from_registry('optimizer', cfg.optimizer['name'], optimizer_kwargs,
                                      lambda n, kw: build_optimizer(model, n, kw))
-    scheduler = _build_from_registry('scheduler', cfg.scheduler['name'],
+    scheduler = build_from_registry('scheduler', cfg.scheduler['name'],
                                      {k: v for k, v in cfg.scheduler.items() if k != 'name'}, build_scheduler)
-    algorithms = [_build_from_registry('algorithms', n, kw or {}, build_algorithm) for n, kw in cfg.algorithms.items()]
-    callbacks = [_build_from_registry('callbacks', n, _callback_kwargs(n, kw or {}, device), build_callback)
+    algorithms = [build_from_registry('algorithms', n, kw or {}, build_algorithm) for n, kw in cfg.algorithms.items()]
+    callbacks = [build_from_registry('callbacks', n, _callback_kwargs(n, kw or {}, device), build_callback)
                  for n, kw in cfg.callbacks.items()]
-    loggers = [_build_from_registry('loggers', n, kw or {}, build_logger) for n, kw in cfg.loggers.items()]
+    loggers = [build_from_registry('loggers', n, kw or {}, build_logger) for n, kw in cfg.loggers.items()]
     if cfg.curriculum is not None and 'curriculum_monitor' not in cfg.callbacks:
         callbacks.append(CurriculumMonitor())  # the phase and the mix of every step belong in every log
-    if cfg.curriculum is not None and cfg.python_log_level:
-        logging.getLogger(CurriculumMonitor.__module__).setLevel(cfg.python_log_level.upper())  # phase changes
 
     if cfg.save_folder is not None and dist.get_global_rank() == 0:
         save_model_config(cfg)
