@@ -171,10 +171,10 @@ class FinetuningDataset(Dataset):
                  key: str = 'train_loader.dataset'):
         from streaming import Stream, StreamingDataset
 
-        from dbrx_train.data.text_dataset import _resolve_max_seq_len
+        from dbrx_train.data.text_dataset import resolve_max_seq_len
 
         self.config = config
-        self.max_seq_len = _resolve_max_seq_len(config, max_seq_len, key)
+        self.max_seq_len = resolve_max_seq_len(config, max_seq_len, key)
         check_local_data(config, key)
         streams = [Stream(**location) for location in config.stream_locations()]
         # Streaming here is random-access storage (local cache of remote shards); order comes from the sampler.

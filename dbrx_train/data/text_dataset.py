@@ -132,7 +132,7 @@ class TextDataset(StreamingDataset):
 
     def __init__(self, config: TextDatasetConfig, batch_size: int | None = None, max_seq_len: int | None = None,
                  key: str = 'train_loader.dataset'):
-        self.max_seq_len = _resolve_max_seq_len(config, max_seq_len, key)
+        self.max_seq_len = resolve_max_seq_len(config, max_seq_len, key)
         self.token_dtype = np.dtype(config.token_encoding_type)
         names = list(config.streams)
         check_local_data(config, key)
@@ -154,7 +154,7 @@ class TextDataset(StreamingDataset):
         return {'input_ids': torch.from_numpy(tokens[: self.max_seq_len].astype(np.int64))}
 
 
-def _resolve_max_seq_len(config: TextDatasetConfig, model_max_seq_len: int | None, key: str) -> int:
+def resolve_max_seq_len(config: TextDatasetConfig, model_max_seq_len: int | None, key: str) -> int:
     if config.max_seq_len is None:
         if model_max_seq_len is None:
             raise ConfigError(f'{key}.max_seq_len', 'required key is missing')
