@@ -17,7 +17,7 @@ import secrets
 import time
 import uuid
 from pathlib import PurePath
-from typing import Annotated, Any, AsyncIterator, Literal
+from typing import Annotated, Any, AsyncIterator, Iterator, Literal
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -132,6 +132,10 @@ class _SamplingFields(_Strict):
             raise ValueError('keys must be token ids, such as "50256"')
         return value
 
+    def unsupported(self) -> Iterator[tuple[str, str]]:
+        """(param, why) for each spec parameter used beyond its no-op value, a feature this server lacks."""
+        yield from ()
+
     @field_validator('top_k')
     @classmethod
     def _top_k(cls, value):
@@ -152,6 +156,14 @@ class CompletionRequest(_SamplingFields):
     prompt: Any
     logprobs: int | None = Field(None, ge=0)
     echo: bool = False
+    best_of: int | None = Field(None, ge=0, le=20)
+    suffix: str | None = None
+
+    def unsupported(self) -> Iterator[tuple[str, str]]:
+        if self.best_of is not None and self.best_of != self.n:
+            yield 'best_of', f'best_of other than n ({self.n}) is not supported: this server ranks no candidates'
+        if self.suffix:
+            yield 'suffix', 'suffix is not supported: this server does not insert text'
 
     @field_validator('prompt')
     @classmethod
@@ -180,8 +192,21 @@ class TextPart(_Strict):
 
 class ChatMessage(_Strict):
     role: Literal['system', 'developer', 'user', 'assistant']
-    content: str | list[TextPart]
+    content: str | list[TextPart] | None = None  # null only in an assistant's message
     name: str | None = None  # accepted; DBRX's ChatML template has no place for it
+    refusal: str | None = None  # an assistant's earlier refusal: its text when it has no content
+    # An earlier reply appended as it came back carries these, null (audio and annotations are newer
+    # API versions' fields, which the openai client sends too); tool calls and audio are unsupported.
+    tool_calls: list | None = None
+    function_call: dict | None = None
+    audio: dict | None = None
+    annotations: list | None = None  # a reply's citations: nothing for the prompt
+
+    @model_validator(mode='after')
+    def _content_required(self):
+        if self.content is None and self.role != 'assistant':
+            raise ValueError(f'a {self.role} message needs content')
+        return self
 
     @field_validator('content', mode='before')
     @classmethod
@@ -194,7 +219,10 @@ class ChatMessage(_Strict):
 
     def chatml(self) -> tuple[str, str]:
         """(role, text) for the ChatML prompt; OpenAI's `developer` messages are system messages."""
-        text = self.content if isinstance(self.content, str) else ''.join(p.text for p in self.content)
+        if self.content is None:
+            text = self.refusal or ''
+        else:
+            text = self.content if isinstance(self.content, str) else ''.join(p.text for p in self.content)
         return ('system' if self.role == 'developer' else self.role), text
 
 
@@ -203,6 +231,30 @@ class ChatRequest(_SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0)
+    service_tier: str | None = None  # one tier here
+    # Features this server lacks, accepted at their no-op values.
+    response_format: dict | None = None
+    tools: list | None = None
+    tool_choice: str | dict | None = None
+    parallel_tool_calls: bool | None = None
+    functions: list | None = None
+    function_call: str | dict | None = None
+
+    def unsupported(self) -> Iterator[tuple[str, str]]:
+        tools = 'tool calls are not supported: this server generates text only'
+        for param in ('tools', 'functions'):
+            if getattr(self, param):
+                yield param, tools
+        for param in ('tool_choice', 'function_call'):
+            if getattr(self, param) not in (None, 'none', 'auto'):
+                yield param, tools
+        if (self.response_format or {}).get('type', 'text') != 'text':
+            yield 'response_format', "response formats but {'type': 'text'} are not supported: the output is free text"
+        for i, message in enumerate(self.messages):
+            if message.tool_calls or message.function_call:
+                yield f'messages.{i}.tool_calls', tools
+            if message.audio:
+                yield f'messages.{i}.audio', 'audio is not supported: this model reads text only'
 
 
 class TokenizeRequest(_Strict):
@@ -423,6 +475,10 @@ class _Api:
 
     def _check_common(self, body: _SamplingFields) -> None:
         self.check_model(body.model)
+        unsupported = next(body.unsupported(), None)
+        if unsupported is not None:
+            param, why = unsupported
+            raise ApiError(400, why, param, code='invalid_value')
         if body.logit_bias:
             self.check_token_ids([int(token) for token in body.logit_bias], 'logit_bias')
         if body.n > self.config.max_n:

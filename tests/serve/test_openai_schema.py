@@ -9,6 +9,7 @@ import threading
 from pathlib import Path
 
 import jsonschema
+import openai
 import pytest
 import requests
 import torch
@@ -63,6 +64,10 @@ def test_the_schemas_catch_the_bugs_this_suite_guards():
     reply = {'id': 'x', 'object': 'chat.completion', 'created': 1, 'model': 'tiny',
              'choices': [{'index': 0, 'message': message, 'logprobs': None, 'finish_reason': 'stop'}]}
     assert spec_errors('CreateChatCompletionResponse', reply) == ["choices/0/message: 'refusal' is a required property"]
+
+
+def client(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=url + '/v1', api_key='unused', max_retries=0, timeout=60)
 
 
 def post(url: str, path: str, body, **kwargs) -> requests.Response:
@@ -233,7 +238,8 @@ def test_spec_valid_chat_parameters_are_served(server, codec, greedy):
     """`developer` is a system message, a message `name` and `user` change nothing, `top_p: 0` is greedy,
     zero penalties are no-ops, any int64 `seed` goes."""
     body = {'model': 'tiny', 'max_tokens': 5, 'temperature': 1, 'top_p': 0, 'seed': -1, 'user': 'user-1234',
-            'presence_penalty': 0, 'frequency_penalty': 0, 'logit_bias': {},
+            'presence_penalty': 0, 'frequency_penalty': 0, 'logit_bias': {}, 'service_tier': 'auto',
+            'response_format': {'type': 'text'}, 'tool_choice': 'none', 'parallel_tool_calls': True,
             'messages': [{'role': 'developer', 'content': 'Be brief.'},
                          {'role': 'user', 'content': [{'type': 'text', 'text': 'Say hi'}], 'name': 'ann'}]}
     reply = post(server.url, '/v1/chat/completions', body)
@@ -242,6 +248,36 @@ def test_spec_valid_chat_parameters_are_served(server, codec, greedy):
     assert reply.json()['choices'][0]['message']['content'] == expected
     for seed in (-2**63, 2**63 - 1):
         assert post(server.url, '/v1/completions', {'prompt': 'x', 'max_tokens': 2, 'seed': seed}).status_code == 200
+    assert post(server.url, '/v1/completions', {'prompt': 'x', 'n': 2, 'best_of': 2, 'suffix': ''}).status_code == 200
+
+
+def test_a_reply_message_appended_as_it_came_is_accepted(server, codec, greedy):
+    """The openai client sends a reply's message back with its null fields (refusal, tool_calls, ...)."""
+    chat = client(server.url).chat.completions
+    first = chat.create(model='tiny', messages=[{'role': 'user', 'content': 'hi'}], max_tokens=3, temperature=0)
+    answer = first.choices[0].message
+    reply = chat.create(model='tiny', max_tokens=3, temperature=0,
+                        messages=[{'role': 'user', 'content': 'hi'}, answer, {'role': 'user', 'content': 'more'}])
+    expected = greedy_chat(codec, greedy, [('user', 'hi'), ('assistant', answer.content), ('user', 'more')], 3)
+    assert reply.choices[0].message.content == expected
+
+
+UNSUPPORTED = [
+    ('/v1/completions', {'prompt': 'x', 'best_of': 3}, 'best_of'),
+    ('/v1/completions', {'prompt': 'x', 'suffix': 'and then'}, 'suffix'),
+    ('/v1/chat/completions', {**CHAT, 'response_format': {'type': 'json_object'}}, 'response_format'),
+    ('/v1/chat/completions', {**CHAT, 'tools': [{'type': 'function', 'function': {'name': 'f'}}]}, 'tools'),
+    ('/v1/chat/completions', {**CHAT, 'tool_choice': 'required'}, 'tool_choice'),
+    ('/v1/chat/completions', {**CHAT, 'messages': [{'role': 'assistant', 'content': None, 'tool_calls': [
+        {'id': 'c', 'type': 'function', 'function': {'name': 'f', 'arguments': '{}'}}]}]}, 'messages.0.tool_calls'),
+]
+
+
+@pytest.mark.parametrize('path,body,param', UNSUPPORTED)
+def test_features_this_server_lacks_get_a_400_naming_them(server, path, body, param):
+    reply = post(server.url, path, body)
+    assert reply.status_code == 400 and spec_errors('ErrorResponse', reply.json()) == []
+    assert reply.json()['error']['param'] == param and 'not supported' in reply.json()['error']['message']
 
 
 def test_image_content_gets_a_400_in_words(server):
