@@ -1,12 +1,11 @@
 """The OpenAI-compatible HTTP API (FastAPI): request schemas, routes, errors.
 
 `create_app(model, tokenizer, config)` serves `/v1/completions`, `/v1/chat/completions`,
-`/v1/models` and `/health`, plus vLLM's `/tokenize`, `/detokenize` and `/tokenizer_info`, which
-lm-eval's `local-completions` uses as its tokenizer when they are there. Replies follow the official
-OpenAI OpenAPI spec (tests/serve/openai_openapi_2.3.0.yaml): every error, FastAPI's own included, is
-its `ErrorResponse` `{"error": {"message", "type", "param", "code"}}` (`code` one of OpenAI's strings, or
-null), with a 4xx status for bad input.
-"""
+`/v1/models` (and `/v1/models/{model}`) and `/health`, plus vLLM's `/tokenize`, `/detokenize` and
+`/tokenizer_info`, which lm-eval's `local-completions` uses as its tokenizer when they are there.
+Replies follow the official OpenAI OpenAPI spec (tests/serve/openai_openapi_2.3.0.yaml): every
+error, FastAPI's own included, is its `ErrorResponse` `{"error": {"message", "type", "param",
+"code"}}` (`code` one of OpenAI's strings, or null), with a 4xx status for bad input."""
 
 from __future__ import annotations
 
@@ -44,6 +43,11 @@ class ApiError(Exception):
                  code: str | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.kind, self.code = status, message, param, kind, code
+
+    @classmethod
+    def invalid(cls, message: str, param: str) -> 'ApiError':
+        """A 400 for a bad value of request parameter `param`."""
+        return cls(400, message, param, code='invalid_value')
 
     def body(self) -> dict:
         return {'error': {'message': self.message, 'type': self.kind, 'param': self.param, 'code': self.code}}
@@ -132,10 +136,6 @@ class _SamplingFields(_Strict):
             raise ValueError('keys must be token ids, such as "50256"')
         return value
 
-    def unsupported(self) -> Iterator[tuple[str, str]]:
-        """(param, why) for each spec parameter used beyond its no-op value, a feature this server lacks."""
-        yield from ()
-
     @field_validator('top_k')
     @classmethod
     def _top_k(cls, value):
@@ -150,6 +150,10 @@ class _SamplingFields(_Strict):
         if any(not s for s in stops):
             raise ValueError('stop strings must not be empty')
         return tuple(stops)
+
+    def unsupported(self) -> Iterator[tuple[str, str]]:
+        """(param, why) for each spec parameter used beyond its no-op value, a feature this server lacks."""
+        yield from ()
 
 
 class CompletionRequest(_SamplingFields):
@@ -190,9 +194,14 @@ class TextPart(_Strict):
     text: str
 
 
+class RefusalPart(_Strict):  # in an assistant's message: its earlier refusal, read as text
+    type: Literal['refusal']
+    refusal: str
+
+
 class ChatMessage(_Strict):
     role: Literal['system', 'developer', 'user', 'assistant']
-    content: str | list[TextPart] | None = None  # null only in an assistant's message
+    content: str | list[TextPart | RefusalPart] | None = None  # null only in an assistant's message
     name: str | None = None  # accepted; DBRX's ChatML template has no place for it
     refusal: str | None = None  # an assistant's earlier refusal: its text when it has no content
     # An earlier reply appended as it came back carries these, null (audio and annotations are newer
@@ -213,7 +222,7 @@ class ChatMessage(_Strict):
     def _text_only(cls, value):
         for part in value if isinstance(value, list) else []:
             kind = part.get('type') if isinstance(part, dict) else None
-            if isinstance(kind, str) and kind != 'text':
+            if isinstance(kind, str) and kind not in ('text', 'refusal'):
                 raise ValueError(f'content parts of type {kind!r} are not supported: this model reads text only')
         return value
 
@@ -222,7 +231,8 @@ class ChatMessage(_Strict):
         if self.content is None:
             text = self.refusal or ''
         else:
-            text = self.content if isinstance(self.content, str) else ''.join(p.text for p in self.content)
+            text = self.content if isinstance(self.content, str) else ''.join(
+                p.text if isinstance(p, TextPart) else p.refusal for p in self.content)
         return ('system' if self.role == 'developer' else self.role), text
 
 
@@ -330,8 +340,12 @@ def create_app(model, tokenizer, config: ServeConfig = ServeConfig()) -> FastAPI
 
     @app.get('/v1/models', dependencies=[Depends(authorized)])
     async def models():
-        return {'object': 'list', 'data': [{'id': api.name, 'object': 'model', 'created': api.created,
-                                            'owned_by': 'dbrx_train', 'max_model_len': api.context}]}
+        return {'object': 'list', 'data': [api.model_card()]}
+
+    @app.get('/v1/models/{name:path}', dependencies=[Depends(authorized)])
+    async def model(name: str):
+        api.check_model(name)
+        return api.model_card()
 
     @app.post('/v1/completions', dependencies=[Depends(authorized)])
     async def completions(body: CompletionRequest, request: Request):
@@ -371,6 +385,10 @@ class _Api:
         self.created = int(time.time())
         self.in_flight = 0
 
+    def model_card(self) -> dict:
+        return {'id': self.name, 'object': 'model', 'created': self.created, 'owned_by': 'dbrx_train',
+                'max_model_len': self.context}
+
     def check_model(self, name: str | None) -> None:
         if name is not None and name != self.name:
             raise ApiError(404, f'model {name!r} does not exist; this server serves {self.name!r}', 'model',
@@ -379,15 +397,14 @@ class _Api:
     def check_token_ids(self, ids: list[int], param: str) -> None:
         bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
         if bad is not None:
-            raise ApiError(400, f'token id {bad} is outside the vocabulary (0..{self.vocab_size - 1})', param,
-                           code='invalid_value')
+            raise ApiError.invalid(f'token id {bad} is outside the vocabulary (0..{self.vocab_size - 1})', param)
 
     # /v1/completions
 
     async def completions(self, body: CompletionRequest, request: Request):
         self._check_common(body)
         if body.max_tokens == 0 and not body.echo:
-            raise ApiError(400, 'max_tokens must be at least 1 (0 only scores the prompt, with echo)', 'max_tokens')
+            raise ApiError.invalid('max_tokens must be at least 1 (0 only scores the prompt, with echo)', 'max_tokens')
         self._check_logprobs(body.logprobs, 'logprobs')
         prompts = []  # (text, ids)
         for item in body.prompt:
@@ -438,11 +455,11 @@ class _Api:
     async def chat(self, body: ChatRequest, request: Request):
         self._check_common(body)
         if body.max_tokens is not None and body.max_completion_tokens is not None:
-            raise ApiError(400, 'give max_tokens or max_completion_tokens, not both', 'max_tokens')
+            raise ApiError.invalid('give max_tokens or max_completion_tokens, not both', 'max_tokens')
         if body.max_tokens == 0:
-            raise ApiError(400, 'max_tokens must be at least 1', 'max_tokens')
+            raise ApiError.invalid('max_tokens must be at least 1', 'max_tokens')
         if body.top_logprobs is not None and not body.logprobs:
-            raise ApiError(400, 'top_logprobs needs logprobs: true', 'top_logprobs')
+            raise ApiError.invalid('top_logprobs needs logprobs: true', 'top_logprobs')
         self._check_logprobs(body.top_logprobs, 'top_logprobs')
         ids = chatml_prompt(self.codec, [m.chatml() for m in body.messages])
         # Without a limit an answer may run to the end of the context, as with OpenAI.
@@ -478,17 +495,17 @@ class _Api:
         unsupported = next(body.unsupported(), None)
         if unsupported is not None:
             param, why = unsupported
-            raise ApiError(400, why, param, code='invalid_value')
+            raise ApiError.invalid(why, param)
         if body.logit_bias:
             self.check_token_ids([int(token) for token in body.logit_bias], 'logit_bias')
         if body.n > self.config.max_n:
-            raise ApiError(400, f'n is at most {self.config.max_n}, got {body.n}', 'n')
+            raise ApiError.invalid(f'n is at most {self.config.max_n}, got {body.n}', 'n')
         if len(body.stop) > self.config.max_stop_strings:
-            raise ApiError(400, f'at most {self.config.max_stop_strings} stop strings, got {len(body.stop)}', 'stop')
+            raise ApiError.invalid(f'at most {self.config.max_stop_strings} stop strings, got {len(body.stop)}', 'stop')
 
     def _check_logprobs(self, value: int | None, param: str) -> None:
         if value is not None and value > self.config.max_logprobs:
-            raise ApiError(400, f'{param} is at most {self.config.max_logprobs}, got {value}', param)
+            raise ApiError.invalid(f'{param} is at most {self.config.max_logprobs}, got {value}', param)
 
     def _params(self, body: _SamplingFields, ids: list[int], max_tokens: int | None, stops: tuple[int, ...],
                 logprobs: int | None, prompt_logprobs: bool = False,

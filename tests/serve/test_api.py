@@ -10,7 +10,7 @@ import pytest
 import requests
 import torch
 
-from dbrx_train.serve import ServeConfig, create_app
+from dbrx_train.serve import create_app
 from dbrx_train.serve.background import serve_in_background
 from dbrx_train.serve.text import chatml_prompt
 from dbrx_train.tokenizer import EOS_ID, IM_END_ID, STOP_TOKEN_IDS

@@ -130,9 +130,11 @@ def test_streamed_chat_chunks_validate(server):
     assert chunks[-1]['choices'] == [] and 'usage' in chunks[-1]
 
 
-def test_models_list_validates(server):
+def test_models_list_and_model_validate(server):
     reply = requests.get(server.url + '/v1/models', timeout=10).json()
     assert spec_errors('ListModelsResponse', reply) == [] and reply['data'][0]['id'] == 'tiny'
+    model = requests.get(server.url + '/v1/models/tiny', timeout=10).json()
+    assert spec_errors('Model', model) == [] and model == reply['data'][0]
 
 
 # Errors: every kind is the spec's ErrorResponse, with OpenAI's code where one fits.
@@ -147,6 +149,7 @@ ERRORS = [
     ('POST', '/v1/completions', {'prompt': 'word ' * 200}, 400, 'context_length_exceeded'),
     ('POST', '/v1/completions', {'prompt': 'x', 'max_tokens': 10**6}, 400, 'context_length_exceeded'),
     ('POST', '/v1/completions', {'prompt': 'x', 'model': 'gpt-4'}, 404, 'model_not_found'),
+    ('GET', '/v1/models/gpt-4', None, 404, 'model_not_found'),
     ('POST', '/v1/completions', {'prompt': 'x', 'logit_bias': {'100352': 1}}, 400, 'invalid_value'),
     ('POST', '/v1/completions', {'prompt': 'x', 'logit_bias': {'hello': 1}}, 400, 'invalid_value'),
     ('POST', '/v1/chat/completions', {'messages': [{'role': 'tool', 'content': 'x'}]}, 400, 'invalid_value'),
@@ -235,16 +238,20 @@ def greedy_chat(codec, greedy, messages, max_tokens=5):
 
 
 def test_spec_valid_chat_parameters_are_served(server, codec, greedy):
-    """`developer` is a system message, a message `name` and `user` change nothing, `top_p: 0` is greedy,
-    zero penalties are no-ops, any int64 `seed` goes."""
+    """`developer` is a system message, an assistant's refusal is its text, a message `name` and `user`
+    change nothing, `top_p: 0` is greedy, zero penalties and tools left unused are no-ops, any int64
+    `seed` goes."""
     body = {'model': 'tiny', 'max_tokens': 5, 'temperature': 1, 'top_p': 0, 'seed': -1, 'user': 'user-1234',
             'presence_penalty': 0, 'frequency_penalty': 0, 'logit_bias': {}, 'service_tier': 'auto',
             'response_format': {'type': 'text'}, 'tool_choice': 'none', 'parallel_tool_calls': True,
             'messages': [{'role': 'developer', 'content': 'Be brief.'},
-                         {'role': 'user', 'content': [{'type': 'text', 'text': 'Say hi'}], 'name': 'ann'}]}
+                         {'role': 'user', 'content': [{'type': 'text', 'text': 'Say hi'}], 'name': 'ann'},
+                         {'role': 'assistant', 'content': [{'type': 'refusal', 'refusal': 'No.'}], 'refusal': 'No.'},
+                         {'role': 'user', 'content': 'Please'}]}
     reply = post(server.url, '/v1/chat/completions', body)
     assert reply.status_code == 200, reply.text
-    expected = greedy_chat(codec, greedy, [('system', 'Be brief.'), ('user', 'Say hi')])
+    expected = greedy_chat(codec, greedy, [('system', 'Be brief.'), ('user', 'Say hi'), ('assistant', 'No.'),
+                                           ('user', 'Please')])
     assert reply.json()['choices'][0]['message']['content'] == expected
     for seed in (-2**63, 2**63 - 1):
         assert post(server.url, '/v1/completions', {'prompt': 'x', 'max_tokens': 2, 'seed': seed}).status_code == 200
