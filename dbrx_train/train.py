@@ -13,8 +13,11 @@ if __name__ == '__main__' and sys.path and sys.path[0] == os.path.dirname(os.pat
     # (data, model, ...) cannot shadow top-level packages of the same name.
     sys.path.pop(0)
 
+from composer.utils import dist  # noqa: E402
+
 from dbrx_train.data import check_local_data  # noqa: E402
 from dbrx_train.errors import UserError, cli_entry  # noqa: E402
+from dbrx_train.training.autoresume import finished_at  # noqa: E402
 from dbrx_train.training.config import TrainConfig  # noqa: E402
 from dbrx_train.training.trainer import build_trainer  # noqa: E402
 from dbrx_train.typed_config import load_yaml, parse  # noqa: E402
@@ -33,7 +36,11 @@ def main(argv: list[str] | None = None) -> None:
     if cfg.eval_loader is not None:
         check_local_data(cfg.eval_loader.dataset, 'eval_loader.dataset')
     trainer = build_trainer(cfg)
-    trainer.fit()
+    done = finished_at(trainer.state)  # the checkpoint autoresume loaded may be the last one
+    if done is None:
+        trainer.fit()
+    elif dist.get_global_rank() == 0:
+        print(f'run already complete at {done}: nothing to train', flush=True)
     trainer.close()
 
 

@@ -24,7 +24,9 @@ from dbrx_train.data.finetuning import build_finetuning_dataloader
 from dbrx_train.data.mixture import build_mixture_dataloader
 from dbrx_train.errors import ConfigError
 from dbrx_train.evaluation.icl import build_icl_evaluators
+from dbrx_train.training.autoresume import resume_checkpoint
 from dbrx_train.training.callbacks import MetricsFileLogger, MoEMonitor
+from dbrx_train.training.checkpoint_saver import AtomicCheckpointSaver
 from dbrx_train.training.composer_model import LM_METRICS, ComposerDbrx
 from dbrx_train.training.config import TrainConfig
 from dbrx_train.training.curriculum_monitor import CurriculumMonitor
@@ -162,6 +164,7 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
     if cfg.save_folder is not None and dist.get_global_rank() == 0:
         save_model_config(cfg)
     fsdp = _fsdp2(cfg, device)
+    savers, checkpointing = _checkpointing(cfg)
     trainer = Trainer(
         run_name=cfg.run_name,
         seed=cfg.seed,
@@ -178,14 +181,9 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
         device=device,
         device_train_microbatch_size=cfg.device_train_microbatch_size or batch_per_device,
         parallelism_config={'fsdp': fsdp} if fsdp is not None else None,
-        save_folder=cfg.save_folder,
-        save_interval=cfg.save_interval,
-        save_num_checkpoints_to_keep=cfg.save_num_checkpoints_to_keep,
-        save_overwrite=cfg.save_overwrite,
-        autoresume=cfg.autoresume,
-        load_path=cfg.load_path,
+        **checkpointing,
         loggers=loggers,
-        callbacks=callbacks,
+        callbacks=callbacks + savers,  # the saver last: save_on_signal must run before it
         progress_bar=cfg.progress_bar,
         log_to_console=cfg.log_to_console,
         console_log_interval=cfg.console_log_interval,
@@ -194,6 +192,19 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
     )
     start_from_pretrained(trainer, cfg.init_from, cfg.lora)  # into the placed (and sharded) model
     return trainer
+
+
+def _checkpointing(cfg: TrainConfig) -> tuple[list[AtomicCheckpointSaver], dict]:
+    """The checkpoint saver and the Trainer's checkpoint arguments. A local save_folder gets
+    checkpoints that are complete or absent, and autoresume from the last complete one
+    (checkpoint_saver.py, autoresume.py); an object store keeps Composer's own saver and autoresume."""
+    if cfg.save_folder is None or '://' in cfg.save_folder:
+        return [], dict(save_folder=cfg.save_folder, save_interval=cfg.save_interval,
+                        save_num_checkpoints_to_keep=cfg.save_num_checkpoints_to_keep,
+                        save_overwrite=cfg.save_overwrite, autoresume=cfg.autoresume, load_path=cfg.load_path)
+    saver = AtomicCheckpointSaver(cfg.save_folder, cfg.save_interval, cfg.save_num_checkpoints_to_keep,
+                                  cfg.save_overwrite)
+    return [saver], dict(load_path=resume_checkpoint(cfg.save_folder, cfg.autoresume) or cfg.load_path)
 
 
 def save_model_config(cfg: TrainConfig) -> None:

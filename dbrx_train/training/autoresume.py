@@ -1,0 +1,146 @@
+"""Where a run in a local `save_folder` starts: its last complete checkpoint, or from scratch.
+
+Before the trainer is built, global rank 0 looks through the folder: whatever a kill left in
+`.incomplete/` (see `checkpoint_saver.py`), and any checkpoint that does not read as complete (a
+truncated `.pt`, a sharded folder missing a shard file or its `.metadata`, e.g. from a version
+that wrote in place), is reported in one line each and moved into `save_folder/partial-<UTC time>/`,
+never deleted. With `autoresume`, the newest complete checkpoint is the one to load, and `latest`
+points at it again.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from composer.core import State
+from composer.utils import dist
+
+from dbrx_train.training.checkpoint_saver import LATEST, STAGING, point_latest
+
+log = logging.getLogger(__name__)
+
+# Composer's names: `ep{epoch}-ba{batch}-rank0.pt` (full) and `ep{epoch}-ba{batch}/` (sharded).
+_NAME = re.compile(r'ep(\d+)-ba(\d+)(-rank0\.pt)?')
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    path: Path
+    batch: int
+
+
+def resume_checkpoint(save_folder: str, autoresume: bool) -> str | None:
+    """Moves partial checkpoints aside, and with `autoresume` returns the newest complete one (or
+    None: start from scratch). Rank 0 decides; every rank gets its answer."""
+    found = [None]
+    if dist.get_global_rank() == 0:
+        found[0] = _sweep(Path(save_folder), autoresume)
+    dist.broadcast_object_list(found, src=0)
+    return found[0]
+
+
+def _sweep(folder: Path, autoresume: bool) -> str | None:
+    if not folder.is_dir():
+        return None
+    aside = _aside_folder(folder)
+    moved = 0
+    staging = folder / STAGING
+    for leftover in sorted(staging.iterdir()) if staging.is_dir() else ():
+        _move_aside(folder, leftover, aside, 'was being written when the run stopped')
+        moved += 1
+    complete = []
+    for candidate in checkpoints(folder):
+        problem = incomplete(candidate.path)
+        if problem is None:
+            complete.append(candidate)
+        else:
+            _move_aside(folder, candidate.path, aside, problem)
+            moved += 1
+    if not autoresume:
+        return None
+    latest = folder / LATEST.format(rank=0)
+    if not complete:
+        if latest.is_symlink():
+            latest.unlink()  # a pointer to a checkpoint that was moved aside
+        log.log(logging.WARNING if moved else logging.INFO,
+                'autoresume: no complete checkpoint in %s: starting from scratch', folder)
+        return None
+    newest = complete[-1]
+    if latest.resolve() != newest.path.resolve():
+        point_latest(latest, newest.path)
+    log.log(logging.WARNING if moved else logging.INFO, 'autoresume: resuming from %s (batch %d)',
+            newest.path, newest.batch)
+    return str(newest.path)
+
+
+def checkpoints(folder: Path) -> list[Checkpoint]:
+    """The checkpoints in `folder` by Composer's names, oldest first."""
+    found = []
+    for path in folder.iterdir():
+        match = _NAME.fullmatch(path.name)
+        if match and not path.is_symlink() and (path.is_file() == bool(match[3])):
+            found.append(Checkpoint(path, int(match[2])))
+    return sorted(found, key=lambda c: c.batch)
+
+
+def incomplete(path: Path) -> str | None:
+    """Why the checkpoint at `path` cannot be complete (naming the file), or None. Reads only the
+    `.pt` file's zip index and the sharded folder's `.metadata`, so it is quick for any size."""
+    if path.is_file():  # torch.save writes a zip whose index is at the very end
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+        except (zipfile.BadZipFile, OSError) as e:
+            return f'{path.name} is truncated or corrupt ({e})'
+        if not any(name.endswith('data.pkl') for name in names):
+            return f'{path.name} holds no torch.save data'
+        return None
+    from torch.distributed.checkpoint import FileSystemReader
+
+    if not (path / '.metadata').is_file():
+        return f'{path.name}/.metadata is missing (written last, once every shard is)'
+    try:
+        metadata = FileSystemReader(str(path)).read_metadata()
+    except Exception as e:  # an unreadable pickle raises whatever it raises
+        return f'{path.name}/.metadata is unreadable ({type(e).__name__}: {e})'
+    needed: dict[str, int] = {}  # shard file -> bytes it must hold at least
+    for info in (metadata.storage_data or {}).values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        shard = path / name
+        if not shard.is_file():
+            return f'{path.name}/{name} is missing'
+        if shard.stat().st_size < size:
+            return f'{path.name}/{name} is truncated ({shard.stat().st_size} of {size} bytes)'
+    return None
+
+
+def _aside_folder(folder: Path) -> Path:
+    """`partial-<UTC time>`, made unique (created when something is moved there)."""
+    base = aside = folder / time.strftime('partial-%Y%m%dT%H%M%SZ', time.gmtime())
+    n = 1
+    while aside.exists():
+        n += 1
+        aside = base.with_name(f'{base.name}-{n}')
+    return aside
+
+
+def _move_aside(folder: Path, path: Path, aside: Path, problem: str) -> None:
+    """Moves `path` to the same relative path under `aside`, and says so in one line."""
+    relative = path.relative_to(folder)
+    (aside / relative).parent.mkdir(parents=True, exist_ok=True)
+    path.rename(aside / relative)
+    log.warning('checkpoint %s: %s; moved to %s', relative, problem, aside / relative)
+
+
+def finished_at(state: State) -> str | None:
+    """'12ba' when the loaded checkpoint already reached max_duration, else None."""
+    elapsed = state.timestamp.get(state.max_duration.unit)
+    if elapsed < state.max_duration:
+        return None
+    return f'{elapsed.value}{elapsed.unit.value}'

@@ -1,0 +1,122 @@
+"""Checkpoints in a local `save_folder` that are complete or absent, even under `kill -9`.
+
+Composer 0.32 writes a checkpoint straight under its final name (`ep0-ba6-rank0.pt`, or the
+sharded folder `ep0-ba6/`) and then moves `latest-rank0.pt` by removing and re-creating it, so a
+kill mid-write leaves a partial checkpoint under the final name, and one between the two steps
+leaves no `latest` at all. `AtomicCheckpointSaver` writes into `save_folder/.incomplete/` first,
+then (after every rank finished writing) fsyncs and renames it into place, then swaps `latest` in
+one `os.replace`, and only then lets `save_num_checkpoints_to_keep` delete older checkpoints.
+Anything still in `.incomplete/` on the next start was cut off mid-write (see `autoresume.py`).
+
+Object-store save folders keep Composer's own path: each object upload is atomic and Composer
+uploads the `latest` `.symlink` object only after it has checked that every file of the
+checkpoint is there.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+from composer.callbacks import CheckpointSaver
+from composer.core import State
+from composer.loggers import Logger
+from composer.utils import checkpoint, dist
+
+log = logging.getLogger(__name__)
+
+STAGING = '.incomplete'  # in save_folder: what is being written; on start, what a kill cut off
+LATEST = 'latest-rank{rank}.pt'
+PAUSE_ENV = 'DBRX_TEST_CHECKPOINT_PAUSE'  # tests only: 'STAGE@BATCH,FLAG_FILE' (see pause_for_test)
+
+
+class AtomicCheckpointSaver(CheckpointSaver):
+    """Composer's `CheckpointSaver` for a local folder, with every checkpoint written beside its
+    final name and renamed into place once complete.
+
+    Overrides `CheckpointSaver._save_checkpoint`, a private method (written against Composer
+    0.32.1), because Composer has no hook between "every rank wrote its files" and "move latest";
+    the writing itself stays Composer's public `checkpoint.save_checkpoint`, so full `.pt` files
+    and sharded (DCP) folders are exactly what Composer writes and loads.
+    """
+
+    def __init__(self, folder: str, save_interval: str, num_checkpoints_to_keep: int, overwrite: bool):
+        if '://' in folder:
+            raise ValueError(f'{folder} is not a local folder')
+        super().__init__(folder=folder, latest_filename=LATEST, remote_file_name=None,
+                         latest_remote_file_name=None, save_interval=save_interval,
+                         num_checkpoints_to_keep=num_checkpoints_to_keep, overwrite=overwrite)
+
+    def _save_checkpoint(self, state: State, logger: Logger) -> None:
+        self.last_checkpoint_batch = state.timestamp.batch
+        pattern = self.filename.format(state, keep_placeholders=True)
+        final = checkpoint.get_save_filename(state, pattern)
+        # Before writing, as Composer does, so the checkpoint lists itself among the saved ones.
+        self.all_saved_checkpoints_to_timestamp[final] = state.timestamp
+        staging_pattern = os.path.join(os.path.dirname(pattern), STAGING, os.path.basename(pattern))
+        # Ends with a barrier: every rank has written (and, for sharded folders, fsynced) its files.
+        staged = checkpoint.save_checkpoint(state, filename=staging_pattern, weights_only=self.weights_only,
+                                            ignore_keys=self.ignore_keys)
+        pause_for_test('staged', state)
+        sharded = state.fsdp_sharded_state_dict_enabled
+        if staged is not None and (not sharded or dist.get_global_rank() == 0):
+            # A sharded checkpoint is one folder that all ranks wrote into: rank 0 moves it.
+            _commit(Path(staged).parent if sharded else Path(staged), Path(final).parent if sharded else Path(final),
+                    overwrite=self.overwrite)
+        dist.barrier()  # no rank goes on (or moves latest) before the checkpoint is in place
+        pause_for_test('committed', state)
+        if staged is None:  # this rank wrote nothing (ranks > 0 of a full checkpoint)
+            return
+        if dist.get_global_rank() == 0 or not sharded:
+            point_latest(Path(self.latest_filename.format(state)), Path(final).parent if sharded else Path(final))
+        self.saved_checkpoints.append(final)
+        if self.num_checkpoints_to_keep >= 0:
+            self._rotate_checkpoints(sharding_enabled=sharded)
+
+
+def _commit(staged: Path, final: Path, overwrite: bool) -> None:
+    if final.is_dir():  # os.replace only replaces files and empty folders
+        if not overwrite:
+            raise FileExistsError(f'{final} exists; set save_overwrite to replace it')
+        shutil.rmtree(final)
+    if staged.is_file():  # Composer's full-checkpoint writer does not fsync; DCP's does
+        _fsync(staged)
+    os.replace(staged, final)
+    _fsync(final.parent)  # the rename itself
+
+
+def point_latest(link: Path, target: Path) -> None:
+    """Points `link` at `target` in one step: a new link beside it, renamed over the old one."""
+    temp = link.parent / STAGING / link.name
+    temp.parent.mkdir(exist_ok=True)
+    temp.unlink(missing_ok=True)
+    temp.symlink_to(os.path.relpath(target, link.parent))
+    os.replace(temp, link)
+    _fsync(link.parent)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def pause_for_test(stage: str, state: State) -> None:
+    """Tests only: with DBRX_TEST_CHECKPOINT_PAUSE=STAGE@BATCH,FLAG_FILE, global rank 0 creates
+    FLAG_FILE at that stage of that batch's checkpoint and waits there to be killed, so a test's
+    `kill -9` lands at a known point of the write ('staged': written, not yet in place;
+    'committed': in place, `latest` not yet moved)."""
+    wanted = os.environ.get(PAUSE_ENV)
+    if not wanted or dist.get_global_rank() != 0:
+        return
+    point, flag = wanted.split(',', 1)
+    if point != f'{stage}@{int(state.timestamp.batch)}':
+        return
+    Path(flag).touch()
+    while True:
+        time.sleep(1)
