@@ -11,28 +11,16 @@ points at it again.
 from __future__ import annotations
 
 import logging
-import re
 import time
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 
 from composer.core import State
 from composer.utils import dist
 
-from dbrx_train.training.checkpoint_saver import LATEST, STAGING, point_latest
+from dbrx_train.training.checkpoint_saver import LATEST, STAGING, checkpoints, point_latest
 
 log = logging.getLogger(__name__)
-
-# Composer's names: `ep{epoch}-ba{batch}-rank0.pt` (full) and `ep{epoch}-ba{batch}/` (sharded).
-_NAME = re.compile(r'ep(\d+)-ba(\d+)(-rank0\.pt)?')
-
-
-@dataclass(frozen=True)
-class Checkpoint:
-    path: Path
-    batch: int
-
 
 def resume_checkpoint(save_folder: str, autoresume: bool) -> str | None:
     """Moves partial checkpoints aside, and with `autoresume` returns the newest complete one (or
@@ -76,16 +64,6 @@ def _sweep(folder: Path, autoresume: bool) -> str | None:
     log.log(logging.WARNING if moved else logging.INFO, 'autoresume: resuming from %s (batch %d)',
             newest.path, newest.batch)
     return str(newest.path)
-
-
-def checkpoints(folder: Path) -> list[Checkpoint]:
-    """The checkpoints in `folder` by Composer's names, oldest first."""
-    found = []
-    for path in folder.iterdir():
-        match = _NAME.fullmatch(path.name)
-        if match and not path.is_symlink() and (path.is_file() == bool(match[3])):
-            found.append(Checkpoint(path, int(match[2])))
-    return sorted(found, key=lambda c: c.batch)
 
 
 def incomplete(path: Path) -> str | None:

@@ -17,20 +17,44 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from composer.callbacks import CheckpointSaver
 from composer.core import State
 from composer.loggers import Logger
-from composer.utils import checkpoint, dist
+from composer.utils import checkpoint, dist, format_name_with_dist
 
 log = logging.getLogger(__name__)
 
 STAGING = '.incomplete'  # in save_folder: what is being written; on start, what a kill cut off
 LATEST = 'latest-rank{rank}.pt'
 PAUSE_ENV = 'DBRX_TEST_CHECKPOINT_PAUSE'  # tests only: 'STAGE@BATCH,FLAG_FILE' (see pause_for_test)
+# Composer's names: `ep{epoch}-ba{batch}-rank0.pt` (full) and `ep{epoch}-ba{batch}/` (sharded).
+_NAME = re.compile(r'ep(\d+)-ba(\d+)(-rank0\.pt)?')
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    path: Path
+    batch: int
+
+    @property
+    def sharded(self) -> bool:
+        return self.path.is_dir()
+
+
+def checkpoints(folder: Path) -> list[Checkpoint]:
+    """The checkpoints in `folder` by Composer's names, oldest first."""
+    found = []
+    for path in folder.iterdir():
+        match = _NAME.fullmatch(path.name)
+        if match and not path.is_symlink() and path.is_file() == bool(match[3]):
+            found.append(Checkpoint(path, int(match[2])))
+    return sorted(found, key=lambda c: c.batch)
 
 
 class AtomicCheckpointSaver(CheckpointSaver):
@@ -50,6 +74,17 @@ class AtomicCheckpointSaver(CheckpointSaver):
                          latest_remote_file_name=None, save_interval=save_interval,
                          num_checkpoints_to_keep=num_checkpoints_to_keep, overwrite=overwrite)
 
+    def fit_start(self, state: State, logger: Logger) -> None:
+        super().fit_start(state, logger)
+        if dist.get_global_rank() == 0:
+            # Composer forgets on restart what earlier attempts saved; count those up to the resumed
+            # batch as saved by this run, so save_num_checkpoints_to_keep keeps meaning "the last N".
+            sharded = state.fsdp_sharded_state_dict_enabled
+            earlier = [c for c in checkpoints(Path(format_name_with_dist(self.folder, state.run_name)))
+                       if c.batch <= int(state.timestamp.batch) and c.sharded == sharded]
+            # The entry Composer's rotation expects: the file, or a file inside the sharded folder.
+            self.saved_checkpoints = [str(c.path / '.metadata' if sharded else c.path) for c in earlier]
+
     def _save_checkpoint(self, state: State, logger: Logger) -> None:
         self.last_checkpoint_batch = state.timestamp.batch
         pattern = self.filename.format(state, keep_placeholders=True)
@@ -62,18 +97,18 @@ class AtomicCheckpointSaver(CheckpointSaver):
                                             ignore_keys=self.ignore_keys)
         pause_for_test('staged', state)
         sharded = state.fsdp_sharded_state_dict_enabled
+        # A sharded checkpoint is the folder every rank wrote its file into; rank 0 moves it.
+        whole = (lambda file: Path(file).parent) if sharded else Path
         if staged is not None and (not sharded or dist.get_global_rank() == 0):
-            # A sharded checkpoint is one folder that all ranks wrote into: rank 0 moves it.
-            _commit(Path(staged).parent if sharded else Path(staged), Path(final).parent if sharded else Path(final),
-                    overwrite=self.overwrite)
+            _commit(whole(staged), whole(final), overwrite=self.overwrite)
         dist.barrier()  # no rank goes on (or moves latest) before the checkpoint is in place
         pause_for_test('committed', state)
         if staged is None:  # this rank wrote nothing (ranks > 0 of a full checkpoint)
             return
-        if dist.get_global_rank() == 0 or not sharded:
-            point_latest(Path(self.latest_filename.format(state)), Path(final).parent if sharded else Path(final))
+        if self.num_checkpoints_to_keep != 0 and (dist.get_global_rank() == 0 or not sharded):
+            point_latest(Path(self.latest_filename.format(state)), whole(final))
         self.saved_checkpoints.append(final)
-        if self.num_checkpoints_to_keep >= 0:
+        if self.num_checkpoints_to_keep >= 0:  # only now may older checkpoints go
             self._rotate_checkpoints(sharding_enabled=sharded)
 
 

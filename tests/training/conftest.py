@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import CORPUS_SEQ_LEN as SEQ_LEN
 
 REPO = Path(__file__).resolve().parents[2]
@@ -30,18 +32,19 @@ def tiny_overrides(corpus: Path, run_dir: Path, **extra) -> list[str]:
     return [f'{k}={v}' for k, v in settings.items()]
 
 
-def launch(args: list[str], processes: int | None = None, log_dir: Path | None = None, **kwargs) -> subprocess.Popen:
+def launch(args: list[str], processes: int | None = None, log_dir: Path | None = None, env: dict | None = None,
+           **popen) -> subprocess.Popen:
     """`python dbrx_train/train.py ...`, or `composer -n N dbrx_train/train.py ...` with `processes`
-    (each rank's output then goes to `log_dir/rank{N}.out` and `.err`)."""
+    (each rank's output then goes to `log_dir/rank{N}.out` and `.err`); `env` adds variables."""
     if processes is None:
         command = [sys.executable, str(TRAIN), str(CONFIG), *args]
     else:
         composer = str(Path(sys.executable).with_name('composer'))
         command = [composer, '-n', str(processes), '--stdout', str(log_dir / 'rank{rank}.out'), '--stderr',
                    str(log_dir / 'rank{rank}.err'), str(TRAIN), str(CONFIG), *args]
-    env = {**os.environ, 'PYTHONUNBUFFERED': '1', 'WANDB_MODE': 'offline'}
-    return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            **kwargs)
+    env = {**os.environ, 'PYTHONUNBUFFERED': '1', 'WANDB_MODE': 'offline', **(env or {})}
+    return subprocess.Popen(command, cwd=REPO, env=env, text=True,
+                            **{'stdout': subprocess.PIPE, 'stderr': subprocess.STDOUT, **popen})
 
 
 def run(args: list[str], processes: int | None = None, log_dir: Path | None = None, timeout: float = 300) -> str:
@@ -59,3 +62,31 @@ def losses(metrics_file: Path, key: str = 'loss/train/lm') -> dict[int, float]:
         if key in record:
             found[record['step']] = record[key]
     return found
+
+
+def curriculum_log(metrics_file: Path) -> dict[int, tuple]:
+    """Step -> (phase, text proportion, code proportion, text share of the batch)."""
+    keys = ('curriculum/phase', 'curriculum/proportion/text', 'curriculum/proportion/code',
+            'curriculum/batch_share/text')
+    columns = [losses(metrics_file, key) for key in keys]
+    return {step: tuple(column[step] for column in columns) for step in columns[0]}
+
+
+@pytest.fixture(scope='session')
+def reference(tiny_corpus, tmp_path_factory) -> Path:
+    """An uninterrupted one-process run: the losses (and curriculum) every other run must reproduce.
+    Its output is in `output.txt`; it checkpoints every 3 steps, on the curriculum's phase boundary."""
+    run_dir = tmp_path_factory.mktemp('reference')
+    output = run(tiny_overrides(tiny_corpus, run_dir, save_interval='3ba', python_log_level='info'))
+    (run_dir / 'output.txt').write_text(output)
+    return run_dir
+
+
+@pytest.fixture(scope='session')
+def reference_two_ranks(tiny_corpus, tmp_path_factory) -> Path:
+    """An uninterrupted run of two FSDP2 processes (sharded checkpoints), also logging to Weights &
+    Biases offline: the losses every other two-rank run must reproduce."""
+    run_dir = tmp_path_factory.mktemp('reference_two_ranks')
+    wandb = f'{{project: dbrx-test, init_kwargs: {{dir: {run_dir}}}}}'
+    run(tiny_overrides(tiny_corpus, run_dir, **{'loggers.wandb': wandb}), processes=2, log_dir=run_dir)
+    return run_dir

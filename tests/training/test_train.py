@@ -1,29 +1,19 @@
-"""The training entry point end to end: one process, two FSDP2 processes, kill and autoresume, bad input."""
+"""The training entry point end to end: one process, two FSDP2 processes, bad input (kill -9 and
+autoresume: test_autoresume.py)."""
 
 from __future__ import annotations
 
-import json
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
 import dbrx_train
 
-from tests.training.conftest import CONFIG, REPO, TRAIN, launch, losses, run, tiny_overrides
+from tests.training.conftest import CONFIG, REPO, TRAIN, losses
 
 STEPS = 6
-
-
-@pytest.fixture(scope='module')
-def reference(tiny_corpus, tmp_path_factory):
-    """An uninterrupted one-process run: the losses every other run must reproduce."""
-    run_dir = tmp_path_factory.mktemp('reference')
-    run(tiny_overrides(tiny_corpus, run_dir))
-    return run_dir
 
 
 def test_one_process_run_logs_every_step_and_leaves_a_loadable_checkpoint(reference):
@@ -59,42 +49,16 @@ def test_a_checkpoint_that_does_not_fit_its_config_names_the_tensor(reference, t
         dbrx_train.load_pretrained(copy)
 
 
-def test_two_fsdp2_processes_match_one_process_with_the_same_global_batch(tiny_corpus, reference, tmp_path):
+def test_two_fsdp2_processes_match_one_process_with_the_same_global_batch(reference, reference_two_ranks):
     # Also logs to Weights & Biases, offline (the test environment sets WANDB_MODE=offline).
-    wandb = f'{{project: dbrx-test, init_kwargs: {{dir: {tmp_path}}}}}'
-    run(tiny_overrides(tiny_corpus, tmp_path, **{'loggers.wandb': wandb}), processes=2, log_dir=tmp_path)
-    one, two = losses(reference / 'metrics.jsonl'), losses(tmp_path / 'metrics.jsonl')
+    one, two = losses(reference / 'metrics.jsonl'), losses(reference_two_ranks / 'metrics.jsonl')
     assert sorted(two) == sorted(one)
     for step in one:
         assert two[step] == pytest.approx(one[step], rel=1e-4), step
-    assert (tmp_path / 'rank1.out').exists()
-    [wandb_log] = tmp_path.glob('wandb/offline-run-*/run-*.wandb')
+    assert (reference_two_ranks / 'rank1.out').exists()
+    assert (reference_two_ranks / 'checkpoints' / 'ep0-ba6' / '.metadata').is_file()  # sharded
+    [wandb_log] = reference_two_ranks.glob('wandb/offline-run-*/run-*.wandb')
     assert b'loss/train/lm' in wandb_log.read_bytes() and b'moe/max_cv' in wandb_log.read_bytes()
-
-
-def test_killed_run_autoresumes_from_its_last_checkpoint_with_the_same_losses(tiny_corpus, reference, tmp_path):
-    args = tiny_overrides(tiny_corpus, tmp_path)
-    proc = launch(args)
-    checkpoints = tmp_path / 'checkpoints'
-    deadline = time.monotonic() + 240
-    while not (checkpoints / 'latest-rank0.pt').exists():  # Composer links it once a save is complete
-        assert proc.poll() is None, proc.stdout.read()[-3000:]
-        assert time.monotonic() < deadline, 'no checkpoint appeared'
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)  # no chance to save anything more
-    proc.wait()
-    logged_before_kill = losses(tmp_path / 'metrics.jsonl')
-    assert max(logged_before_kill, default=-1) < STEPS - 1, 'the run finished before it could be killed'
-
-    lines_before = len((tmp_path / 'metrics.jsonl').read_text().splitlines())
-    run(args)  # the same command again
-    after = (tmp_path / 'metrics.jsonl').read_text().splitlines()[lines_before:]
-    first_step_after = min(json.loads(line)['step'] for line in after if 'loss/train/lm' in line)
-    assert first_step_after >= 2, 'the second run started over instead of resuming'
-    expected, resumed = losses(reference / 'metrics.jsonl'), losses(tmp_path / 'metrics.jsonl')
-    assert sorted(resumed) == sorted(expected)
-    for step in expected:
-        assert resumed[step] == pytest.approx(expected[step], abs=1e-6), step
 
 
 def _fails_with_one_line(args: list[str], expected: str) -> None:
