@@ -16,18 +16,19 @@ import zipfile
 from pathlib import Path
 
 from composer.core import State
-from composer.utils import dist
+from composer.utils import dist, format_name_with_dist
 
 from dbrx_train.training.checkpoint_saver import LATEST, STAGING, checkpoints, point_latest
 
 log = logging.getLogger(__name__)
 
-def resume_checkpoint(save_folder: str, autoresume: bool) -> str | None:
+
+def resume_checkpoint(save_folder: str, run_name: str, autoresume: bool) -> str | None:
     """Moves partial checkpoints aside, and with `autoresume` returns the newest complete one (or
     None: start from scratch). Rank 0 decides; every rank gets its answer."""
     found = [None]
     if dist.get_global_rank() == 0:
-        found[0] = _sweep(Path(save_folder), autoresume)
+        found[0] = _sweep(Path(format_name_with_dist(save_folder, run_name)), autoresume)
     dist.broadcast_object_list(found, src=0)
     return found[0]
 

@@ -92,9 +92,11 @@ class AtomicCheckpointSaver(CheckpointSaver):
         # Before writing, as Composer does, so the checkpoint lists itself among the saved ones.
         self.all_saved_checkpoints_to_timestamp[final] = state.timestamp
         staging_pattern = os.path.join(os.path.dirname(pattern), STAGING, os.path.basename(pattern))
-        # Ends with a barrier: every rank has written (and, for sharded folders, fsynced) its files.
         staged = checkpoint.save_checkpoint(state, filename=staging_pattern, weights_only=self.weights_only,
                                             ignore_keys=self.ignore_keys)
+        # Every rank has written (and, for sharded folders, fsynced) its file, and has checked after
+        # Composer's own barrier that it is there: only now may the folder move.
+        dist.barrier()
         pause_for_test('staged', state)
         sharded = state.fsdp_sharded_state_dict_enabled
         # A sharded checkpoint is the folder every rank wrote its file into; rank 0 moves it.

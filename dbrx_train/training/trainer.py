@@ -204,7 +204,7 @@ def _checkpointing(cfg: TrainConfig) -> tuple[list[AtomicCheckpointSaver], dict]
                         save_overwrite=cfg.save_overwrite, autoresume=cfg.autoresume, load_path=cfg.load_path)
     saver = AtomicCheckpointSaver(cfg.save_folder, cfg.save_interval, cfg.save_num_checkpoints_to_keep,
                                   cfg.save_overwrite)
-    return [saver], dict(load_path=resume_checkpoint(cfg.save_folder, cfg.autoresume) or cfg.load_path)
+    return [saver], dict(load_path=resume_checkpoint(cfg.save_folder, cfg.run_name, cfg.autoresume) or cfg.load_path)
 
 
 def save_model_config(cfg: TrainConfig) -> None:
