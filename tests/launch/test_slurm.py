@@ -68,7 +68,8 @@ def _logged_steps(metrics_file: Path) -> list[int]:
 def test_two_node_job_checkpoints_on_the_time_limit_signal_requeues_and_autoresumes(slurm, tiny_corpus, tmp_path):
     run_dir = tmp_path / 'run'
     _decompress_shards(tiny_corpus)
-    overrides = tiny_overrides(tiny_corpus, run_dir, max_duration=f'{STEPS}ba', save_interval='1000ba', **{
+    overrides = tiny_overrides(tiny_corpus, run_dir, max_duration=f'{STEPS}ba', save_interval='1000ba',
+                               save_num_checkpoints_to_keep=-1, **{  # keep the signal's checkpoint to look at
         'callbacks.save_on_signal.signals': '[SIGUSR1,SIGTERM]',
         'callbacks.speed_monitor.gpu_flops_available': 1e12})  # no peak measurement at start
     job_id = _submit(slurm, tmp_path, overrides)
