@@ -17,7 +17,7 @@ from composer.utils import dist  # noqa: E402
 
 from dbrx_train.data import check_local_data  # noqa: E402
 from dbrx_train.errors import UserError, cli_entry  # noqa: E402
-from dbrx_train.training.autoresume import finished_at  # noqa: E402
+from dbrx_train.checkpoints.autoresume import finished_at  # noqa: E402
 from dbrx_train.training.config import TrainConfig  # noqa: E402
 from dbrx_train.training.trainer import build_trainer  # noqa: E402
 from dbrx_train.typed_config import load_yaml, parse  # noqa: E402

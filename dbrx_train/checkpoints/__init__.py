@@ -7,6 +7,8 @@
     formats.py    one interface over the three: detect a path's format, its config, its tensors;
                   `load_pretrained`
     export.py     any of them -> a transformers directory with tokenizer (LoRA merged)
+    saver.py      Composer's checkpoint saver, made crash-safe: complete or absent under kill -9
+    autoresume.py on start: partial leftovers moved aside, the newest complete checkpoint resumed
 """
 
 from dbrx_train.checkpoints.formats import SavedModel, detect_format, load_pretrained, open_saved

@@ -24,9 +24,9 @@ from dbrx_train.data.finetuning import build_finetuning_dataloader
 from dbrx_train.data.mixture import build_mixture_dataloader
 from dbrx_train.errors import ConfigError
 from dbrx_train.evaluation.icl import build_icl_evaluators
-from dbrx_train.training.autoresume import resume_checkpoint
+from dbrx_train.checkpoints.autoresume import resume_checkpoint
 from dbrx_train.training.callbacks import MetricsFileLogger, MoEMonitor
-from dbrx_train.training.checkpoint_saver import AtomicCheckpointSaver
+from dbrx_train.checkpoints.saver import AtomicCheckpointSaver
 from dbrx_train.training.composer_model import LM_METRICS, ComposerDbrx
 from dbrx_train.training.config import TrainConfig
 from dbrx_train.training.curriculum_monitor import CurriculumMonitor
@@ -197,7 +197,7 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
 def _checkpointing(cfg: TrainConfig) -> tuple[list[AtomicCheckpointSaver], dict]:
     """The checkpoint saver and the Trainer's checkpoint arguments. A local save_folder gets
     checkpoints that are complete or absent, and autoresume from the last complete one
-    (checkpoint_saver.py, autoresume.py); an object store keeps Composer's own saver and autoresume."""
+    (dbrx_train.checkpoints.saver and .autoresume); an object store keeps Composer's own saver and autoresume."""
     if cfg.save_folder is None or '://' in cfg.save_folder:
         return [], dict(save_folder=cfg.save_folder, save_interval=cfg.save_interval,
                         save_num_checkpoints_to_keep=cfg.save_num_checkpoints_to_keep,

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dbrx_train.training.autoresume import incomplete, resume_checkpoint
-from dbrx_train.training.checkpoint_saver import PAUSE_ENV, STAGING
+from dbrx_train.checkpoints.autoresume import incomplete, resume_checkpoint
+from dbrx_train.checkpoints.saver import PAUSE_ENV, STAGING
 
 from tests.training.conftest import curriculum_log, launch, losses, run, tiny_overrides
 

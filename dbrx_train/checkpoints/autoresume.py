@@ -1,7 +1,7 @@
 """Where a run in a local `save_folder` starts: its last complete checkpoint, or from scratch.
 
 Before the trainer is built, global rank 0 looks through the folder: whatever a kill left in
-`.incomplete/` (see `checkpoint_saver.py`), and any checkpoint that does not read as complete (a
+`.incomplete/` (see `saver.py`), and any checkpoint that does not read as complete (a
 truncated `.pt`, a sharded folder missing a shard file or its `.metadata`, e.g. from a version
 that wrote in place), is reported in one line each and moved into `save_folder/partial-<UTC time>/`,
 never deleted. With `autoresume`, the newest complete checkpoint is the one to load, and `latest`
@@ -18,7 +18,7 @@ from pathlib import Path
 from composer.core import State
 from composer.utils import dist, format_name_with_dist
 
-from dbrx_train.training.checkpoint_saver import LATEST, STAGING, checkpoints, point_latest
+from dbrx_train.checkpoints.saver import LATEST, STAGING, checkpoints, point_latest
 
 log = logging.getLogger(__name__)
 
