@@ -33,12 +33,13 @@ from dbrx_train.training.curriculum_monitor import CurriculumMonitor
 from dbrx_train.training.expert_parallel import check_moe_world_size, expert_parallel_mesh, parallelize_experts
 from dbrx_train.training.finetune import check_init_from, prepare_model, start_from_pretrained
 from dbrx_train.training.gradient_average import fix_gradient_average
-from dbrx_train.training.preemption import SaveOnSignal
+from dbrx_train.training.gradient_clipping import GradientClipping
 from dbrx_train.training.hardware import matmul_peak_flops
 
 log = logging.getLogger(__name__)
 
 OUR_CALLBACKS = {'moe_monitor': MoEMonitor, 'curriculum_monitor': CurriculumMonitor}
+OUR_ALGORITHMS = {'gradient_clipping': GradientClipping}  # in place of Composer's
 OUR_LOGGERS = {'metrics_file': MetricsFileLogger}
 DATALOADERS = {'text': build_text_dataloader, 'finetuning': build_finetuning_dataloader}  # by loader name
 
@@ -170,7 +171,9 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
                                      lambda n, kw: build_optimizer(model, n, kw))
     scheduler = build_from_registry('scheduler', cfg.scheduler['name'],
                                      {k: v for k, v in cfg.scheduler.items() if k != 'name'}, build_scheduler)
-    algorithms = [build_from_registry('algorithms', n, kw or {}, build_algorithm) for n, kw in cfg.algorithms.items()]
+    algorithms = [build_from_registry('algorithms', n, kw or {},
+                                      lambda n, kw: OUR_ALGORITHMS[n](**kw) if n in OUR_ALGORITHMS else build_algorithm(n, kw))
+                  for n, kw in cfg.algorithms.items()]
     callbacks = [build_from_registry('callbacks', n, _callback_kwargs(n, kw or {}, device), build_callback)
                  for n, kw in cfg.callbacks.items()]
     loggers = [build_from_registry('loggers', n, kw or {}, build_logger) for n, kw in cfg.loggers.items()]

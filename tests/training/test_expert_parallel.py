@@ -13,6 +13,7 @@ from dbrx_train.model.dbrx import DbrxLM
 from tests.spawn import run_ranks
 
 STEPS, MICRO_BATCH, SEQ, VOCAB, EXPERTS = 3, 2, 16, 64, 8
+CLIP = 0.5  # below the gradient norms of these steps: clipping scales every step
 CASES = {2: [(2, 1), (2, 4)], 4: [(2, 4), (4, 1)]}  # world size: (moe_world_size, top_k)
 EXPERT_WEIGHTS = ('w1', 'v1', 'w2')
 
@@ -48,6 +49,7 @@ def one_process(world: int, top_k: int) -> dict:
             (out.loss / world).backward()
             trace['loss'].append(out.loss.item())
             trace['aux'].append(out.aux_loss.item())
+        trace['norm'].append(torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP).item())
         opt.step()
         opt.zero_grad()
         trace['params'].append({n: p.detach().clone() for n, p in model.named_parameters()})
@@ -76,6 +78,7 @@ def train_on_rank(moe_world_size: int, top_k: int) -> dict:
 
     from dbrx_train.training.expert_parallel import expert_parallel_mesh, parallelize_experts
     from dbrx_train.training.gradient_average import fix_gradient_average
+    from dbrx_train.training.gradient_clipping import clip_grad_norm_
 
     rank, world = dist.get_rank(), dist.get_world_size()
     model = tiny(top_k)
@@ -89,13 +92,14 @@ def train_on_rank(moe_world_size: int, top_k: int) -> dict:
     experts.unshard()  # what a forward pass gathers: this rank's whole experts
     gathered = sum(getattr(experts, n).to_local().numel() for n in EXPERT_WEIGHTS)
     experts.reshard()
-    trace = {'loss': [], 'aux': [], 'params': [], 'stored': stored, 'gathered': gathered,
+    trace = {'loss': [], 'aux': [], 'params': [], 'norm': [], 'stored': stored, 'gathered': gathered,
              'total': sum(getattr(experts, n).numel() for n in EXPERT_WEIGHTS)}
     data = batches(world)
     for step in range(STEPS):
         ids = data[step, rank]
         out = model(ids, labels=ids)
         out.loss.backward()
+        trace['norm'].append(clip_grad_norm_(model.parameters(), CLIP).item())  # over both meshes
         opt.step()
         opt.zero_grad()
         trace['loss'].append(out.loss.item())
@@ -130,6 +134,8 @@ def test_expert_parallel_training_matches_one_process(spawned, world, moe_world_
             micro_batch = step * world + rank
             assert trace['loss'][step] == pytest.approx(reference['loss'][micro_batch], rel=1e-5, abs=1e-5)
             assert trace['aux'][step] == pytest.approx(reference['aux'][micro_batch], rel=1e-5, abs=1e-5)
+        assert reference['norm'][step] > CLIP
+        assert ranks[0]['norm'][step] == pytest.approx(reference['norm'][step], rel=1e-5)
         expected = reference['params'][step]
         for name, value in ranks[0]['params'][step].items():
             torch.testing.assert_close(value, expected[name], rtol=1e-5, atol=1e-5, msg=lambda m: f'{step} {name}: {m}')
@@ -137,3 +143,16 @@ def test_expert_parallel_training_matches_one_process(spawned, world, moe_world_
         # Stored: sharded over all ranks; gathered for the forward pass: 1/moe_world_size, whole experts.
         assert trace['stored'] * world == trace['total']
         assert trace['gathered'] * moe_world_size == trace['total']
+
+
+@pytest.mark.parametrize('moe_world_size,world_size,words', [
+    (4, 2, '4 is larger than the world size (2)'),
+    (2, 3, 'the world size (3) is not divisible by 2'),
+])
+def test_a_bad_expert_parallel_degree_is_one_line_naming_the_key(moe_world_size, world_size, words):
+    from dbrx_train.errors import ConfigError
+    from dbrx_train.training.expert_parallel import check_moe_world_size
+
+    with pytest.raises(ConfigError) as info:
+        check_moe_world_size(moe_world_size, world_size)
+    assert str(info.value) == f'model.ffn_config.moe_world_size: {words}'

@@ -89,7 +89,3 @@ def test_expert_parallel_processes_match_one_process(tiny_corpus, reference, tmp
         for step in one:
             assert two[step] == pytest.approx(one[step], rel=1e-4), (key, step)
 
-
-def test_an_expert_parallel_degree_above_the_world_size_is_one_line(tiny_corpus, tmp_path):
-    _fails_with_one_line([str(CONFIG), *tiny_overrides(tiny_corpus, tmp_path, **{'model.ffn_config.moe_world_size': 2})],
-                         'model.ffn_config.moe_world_size: 2 is larger than the world size (1)')
