@@ -41,7 +41,7 @@ def optimizer(params):
 
 def one_process(world: int, top_k: int) -> dict:
     """The reference: one process, the global batch as `world` accumulated micro-batches."""
-    model, data, trace = tiny(top_k), batches(world), {'loss': [], 'aux': [], 'params': []}
+    model, data, trace = tiny(top_k), batches(world), {'loss': [], 'aux': [], 'params': [], 'norm': []}
     opt = optimizer(model.parameters())
     for step in range(STEPS):
         for ids in data[step]:
