@@ -17,7 +17,7 @@ class RecordingLogger:
 
 def _state(counts, batch=1, training=True):
     return SimpleNamespace(outputs=SimpleNamespace(tokens_per_expert=counts),
-                           model=SimpleNamespace(training=training),
+                           model=SimpleNamespace(training=training, modules=lambda: iter(())),
                            timestamp=SimpleNamespace(batch=batch))
 
 

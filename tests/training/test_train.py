@@ -88,4 +88,13 @@ def test_expert_parallel_processes_match_one_process(tiny_corpus, reference, tmp
         assert sorted(two) == sorted(one)
         for step in one:
             assert two[step] == pytest.approx(one[step], rel=1e-4), (key, step)
+    rows = losses(tmp_path / 'metrics.jsonl', 'moe/all_to_all_rows')
+    sent = losses(tmp_path / 'metrics.jsonl', 'moe/all_to_all_bytes')
+    share = losses(tmp_path / 'metrics.jsonl', 'moe/ep_busiest_rank_share')
+    assert sorted(rows) == sorted(sent) == sorted(share) and len(rows) == STEPS
+    for step in rows:
+        assert rows[step] > 0
+        # Rows dispatched away come back: forward and backward, 2 all-to-alls each, d_model 64 in fp32.
+        assert sent[step] == rows[step] * 2 * 2 * 64 * 4
+        assert 0.5 <= share[step] <= 1.0
 

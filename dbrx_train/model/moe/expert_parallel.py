@@ -40,6 +40,7 @@ class ExpertParallelExperts(Experts):
             raise ValueError(f'{experts.num_experts} experts cannot be split over {mesh.size()} ranks')
         super().__init__(experts.d_model, experts.ffn_hidden_size, experts.num_experts, device='meta')
         self.mesh = mesh
+        self.traffic = torch.zeros(2, dtype=torch.int64)  # rows and bytes sent to other ranks, since take_traffic
         for name in WEIGHTS:
             full = getattr(experts, name)
             local = distribute_tensor(full.detach(), mesh, [Shard(0)])
@@ -67,7 +68,23 @@ class ExpertParallelExperts(Experts):
         out = grouped_experts(rows[by_expert], [sum(col) for col in zip(*received)], *weights)
         out = out[torch.argsort(by_expert)]
         expert_out = _all_to_all(out, send_splits, recv_splits, group)
+        self._count_traffic(send_splits, recv_splits, x, out)
         return combine(x, expert_out, top_weights, order, token_of_row)
+
+    def _count_traffic(self, send_splits: list[int], recv_splits: list[int], x: torch.Tensor, out: torch.Tensor):
+        me = self.mesh.get_local_rank()
+        dispatched, returned = sum(send_splits) - send_splits[me], sum(recv_splits) - recv_splits[me]
+        d, x_bytes, out_bytes = x.shape[-1], x.element_size(), out.element_size()
+        sent = d * (dispatched * x_bytes + returned * out_bytes)
+        if torch.is_grad_enabled() and x.requires_grad:  # the backward pass: each all-to-all the other way
+            sent += d * (dispatched * out_bytes + returned * x_bytes)
+        self.traffic += torch.tensor([dispatched, sent])
+
+    def take_traffic(self) -> torch.Tensor:
+        """`[rows dispatched to other ranks, bytes sent to other ranks by all four all-to-alls]` since
+        the last call, on this rank (activation checkpointing's recomputation included)."""
+        traffic, self.traffic = self.traffic, torch.zeros_like(self.traffic)
+        return traffic
 
     def extra_repr(self) -> str:
         return f'{super().extra_repr()}, expert_parallel={self.mesh.size()} (local experts {self.local_experts})'
