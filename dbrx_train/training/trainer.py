@@ -35,6 +35,7 @@ from dbrx_train.training.finetune import check_init_from, prepare_model, start_f
 from dbrx_train.training.gradient_average import fix_gradient_average
 from dbrx_train.training.gradient_clipping import GradientClipping
 from dbrx_train.training.hardware import matmul_peak_flops
+from dbrx_train.training.preemption import SaveOnSignal
 
 log = logging.getLogger(__name__)
 
