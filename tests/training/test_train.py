@@ -98,3 +98,10 @@ def test_expert_parallel_processes_match_one_process(tiny_corpus, reference, tmp
         assert sent[step] == rows[step] * 2 * 2 * 64 * 4
         assert 0.5 <= share[step] <= 1.0
 
+    # Its sharded checkpoint (DCP, expert weights as Shard(0) DTensors) loads without any process
+    # group into whole experts, and predicts as the one-process run's last checkpoint does.
+    ours, theirs = (dbrx_train.load_pretrained(run_dir / 'checkpoints') for run_dir in (tmp_path, reference))
+    assert ours.blocks[0].ffn.experts.w1.shape == (16 * 96, 64)
+    tokens = torch.tensor([[100257, 1, 2, 3]])
+    torch.testing.assert_close(ours(tokens), theirs(tokens), rtol=1e-3, atol=1e-3)
+
