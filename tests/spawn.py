@@ -35,3 +35,16 @@ def _rank_main(rank: int, world_size: int, port: int, tmp: str, fn, args) -> Non
         torch.save(fn(*args), Path(tmp) / f'{rank}.pt')
     finally:
         dist.destroy_process_group()
+
+
+class SpawnedOnce:
+    """`fn` run once per world size, when first asked for, and what its ranks returned kept: a test
+    module's cases of one world size share one group of ranks (starting processes is the slow part)."""
+
+    def __init__(self, fn, *args):
+        self.fn, self.args, self.results = fn, args, {}
+
+    def __call__(self, world_size: int) -> list:
+        if world_size not in self.results:
+            self.results[world_size] = run_ranks(self.fn, world_size, *self.args)
+        return self.results[world_size]

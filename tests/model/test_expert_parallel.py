@@ -10,7 +10,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from dbrx_train.model.moe import TorchDroplessExperts
 from dbrx_train.model.moe.expert_parallel import ExpertParallelExperts
 
-from tests.spawn import run_ranks
+from tests.spawn import SpawnedOnce
 
 D_MODEL, FFN, EXPERTS, TOKENS = 32, 24, 8, 13  # tokens per rank
 
@@ -65,15 +65,7 @@ def one_process(kind: str, world: int, top_k: int):
 
 @pytest.fixture(scope='module')
 def spawned():
-    """Every case of a world size in one group of spawned ranks (starting processes is the slow part)."""
-    results = {}
-
-    def get(world):
-        if world not in results:
-            results[world] = run_ranks(all_cases_on_rank, world)
-        return results[world]
-
-    return get
+    return SpawnedOnce(all_cases_on_rank)
 
 
 @pytest.mark.parametrize('world,kind,top_k', [(w, *case) for w, cases in CASES.items() for case in cases])

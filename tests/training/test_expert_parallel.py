@@ -3,6 +3,8 @@ accumulating the same micro-batches; each rank holds its share of the expert wei
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -10,16 +12,17 @@ import torch.distributed as dist
 from dbrx_train.model.config import AttentionConfig, FFNConfig, ModelConfig
 from dbrx_train.model.dbrx import DbrxLM
 
-from tests.spawn import run_ranks
+from tests.spawn import SpawnedOnce
 
 STEPS, MICRO_BATCH, SEQ, VOCAB, EXPERTS = 3, 2, 16, 64, 8
 CLIP = 0.5  # below the gradient norms of these steps: clipping scales every step
 CASES = {2: [(2, 1), (2, 4)], 4: [(2, 4), (4, 1)]}  # world size: (moe_world_size, top_k)
+RESHARDED = (4, 2)  # (world, moe_world_size) whose trained model is saved and loaded with 1, 4 and no process group
 EXPERT_WEIGHTS = ('w1', 'v1', 'w2')
 
 
-def tiny(top_k: int) -> DbrxLM:
-    torch.manual_seed(0)
+def tiny(top_k: int, seed: int = 0) -> DbrxLM:
+    torch.manual_seed(seed)
     config = ModelConfig(d_model=32, n_heads=4, n_layers=2, max_seq_len=SEQ, vocab_size=VOCAB, init_std=0.1,
                          attn_config=AttentionConfig(kv_n_heads=2),
                          ffn_config=FFNConfig(ffn_hidden_size=24, moe_num_experts=EXPERTS, moe_top_k=top_k))
@@ -71,21 +74,49 @@ def as_composer_model(model: DbrxLM):
     return Wrapped()
 
 
-def train_on_rank(moe_world_size: int, top_k: int) -> dict:
+def sharded(model: DbrxLM, moe_world_size: int, opt_factory=None):
+    """`model` placed as the Trainer places it: expert-parallel over `moe_world_size` ranks (1: no
+    expert parallelism), then Composer's FSDP2. Returns the optimizer built in between, if asked."""
     from composer.core import Precision
     from composer.distributed import parallelize_composer_model
     from composer.utils.parallelism import FSDP2Config
 
     from dbrx_train.training.expert_parallel import expert_parallel_mesh, parallelize_experts
     from dbrx_train.training.gradient_average import fix_gradient_average
+
+    if moe_world_size > 1:
+        parallelize_experts(model, expert_parallel_mesh(moe_world_size))
+    opt = opt_factory(model.parameters()) if opt_factory else None  # before FSDP2, as the Trainer builds it
+    parallelize_composer_model(as_composer_model(model), opt, FSDP2Config(), Precision.FP32)
+    fix_gradient_average(model)
+    return opt
+
+
+def reshard(model: DbrxLM, top_k: int, workdir: Path) -> dict:
+    """Saves `model` with DCP (what Composer's sharded checkpoints hold) and loads it into the same
+    model placed with moe_world_size 1 and 4: the logits of each, and of the saved model."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    probe = batches(1)[0, 0]
+    logits = {'saved': model(probe).detach()}
+    dcp.save(get_model_state_dict(model), checkpoint_id=workdir / 'checkpoint')
+    for moe_world_size in (1, 4):
+        loaded = tiny(top_k, seed=1)  # other weights: the checkpoint must replace them all
+        sharded(loaded, moe_world_size)
+        state = get_model_state_dict(loaded)
+        dcp.load(state, checkpoint_id=workdir / 'checkpoint')
+        set_model_state_dict(loaded, state)
+        logits[moe_world_size] = loaded(probe).detach()
+    return logits
+
+
+def train_on_rank(moe_world_size: int, top_k: int, workdir: Path) -> dict:
     from dbrx_train.training.gradient_clipping import clip_grad_norm_
 
     rank, world = dist.get_rank(), dist.get_world_size()
     model = tiny(top_k)
-    parallelize_experts(model, expert_parallel_mesh(moe_world_size))
-    opt = optimizer(model.parameters())  # before FSDP2, as the Trainer builds it
-    parallelize_composer_model(as_composer_model(model), opt, FSDP2Config(), Precision.FP32)
-    fix_gradient_average(model)
+    opt = sharded(model, moe_world_size, optimizer)
 
     experts = model.blocks[0].ffn.experts
     stored = sum(getattr(experts, n).to_local().numel() for n in EXPERT_WEIGHTS)
@@ -105,24 +136,23 @@ def train_on_rank(moe_world_size: int, top_k: int) -> dict:
         trace['loss'].append(out.loss.item())
         trace['aux'].append(out.aux_loss.item())
         trace['params'].append({n: p.full_tensor().detach() for n, p in model.named_parameters()})
+    if (world, moe_world_size) == RESHARDED:
+        trace['logits'] = reshard(model, top_k, workdir)
     return trace
 
 
-def all_cases_on_rank() -> dict:
-    return {case: train_on_rank(*case) for case in CASES[dist.get_world_size()]}
+def all_cases_on_rank(workdir: Path) -> dict:
+    return {case: train_on_rank(*case, workdir) for case in CASES[dist.get_world_size()]}
 
 
 @pytest.fixture(scope='module')
-def spawned():
-    """Every case of a world size in one group of spawned ranks (starting processes is the slow part)."""
-    results = {}
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp('ranks')
 
-    def get(world):
-        if world not in results:
-            results[world] = run_ranks(all_cases_on_rank, world)
-        return results[world]
 
-    return get
+@pytest.fixture(scope='module')
+def spawned(workdir):
+    return SpawnedOnce(all_cases_on_rank, workdir)
 
 
 @pytest.mark.parametrize('world,moe_world_size,top_k', [(w, *case) for w, cases in CASES.items() for case in cases])
@@ -143,6 +173,24 @@ def test_expert_parallel_training_matches_one_process(spawned, world, moe_world_
         # Stored: sharded over all ranks; gathered for the forward pass: 1/moe_world_size, whole experts.
         assert trace['stored'] * world == trace['total']
         assert trace['gathered'] * moe_world_size == trace['total']
+
+
+def test_a_checkpoint_saved_with_expert_parallelism_loads_with_any_degree_and_without_processes(spawned, workdir):
+    """DCP reshards: saved by 4 ranks with moe_world_size 2, loaded by 4 ranks with 1 and 4, and by
+    one process with no process group at all; every copy predicts the same logits."""
+    import torch.distributed.checkpoint as dcp
+
+    world, moe_world_size = RESHARDED
+    [top_k] = [k for ep, k in CASES[world] if ep == moe_world_size]
+    logits = spawned(world)[0][moe_world_size, top_k]['logits']
+    plain = tiny(top_k, seed=1)
+    state = plain.state_dict()
+    dcp.load(state, checkpoint_id=workdir / 'checkpoint')
+    plain.load_state_dict(state)
+    assert plain.blocks[0].ffn.experts.w1.shape == (EXPERTS * 24, 32)  # whole experts
+    for copy in (1, 4):
+        torch.testing.assert_close(logits[copy], logits['saved'], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(plain(batches(1)[0, 0]), logits['saved'], rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize('moe_world_size,world_size,words', [
