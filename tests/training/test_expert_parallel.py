@@ -108,7 +108,24 @@ def reshard(model: DbrxLM, top_k: int, workdir: Path) -> dict:
         dcp.load(state, checkpoint_id=workdir / 'checkpoint')
         set_model_state_dict(loaded, state)
         logits[moe_world_size] = loaded(probe).detach()
+    logits['init_from'] = init_from(top_k, workdir, probe)
     return logits
+
+
+def init_from(top_k: int, workdir: Path, probe: torch.Tensor) -> dict:
+    """A one-process checkpoint loaded as fine-tuning's `init_from` does, into an expert-parallel
+    model (each rank reads its slices): its logits, and those of the model that was saved."""
+    from dbrx_train.checkpoints.native import save_checkpoint
+    from dbrx_train.training.finetune import load_initial_weights
+
+    source = tiny(top_k, seed=2)
+    if dist.get_rank() == 0:
+        save_checkpoint(source, workdir / 'native')
+    dist.barrier()
+    model = tiny(top_k, seed=1)
+    sharded(model, 2)
+    load_initial_weights(model, workdir / 'native')
+    return {'loaded': model(probe).detach(), 'saved': source(probe).detach()}
 
 
 def train_on_rank(moe_world_size: int, top_k: int, workdir: Path) -> dict:
@@ -177,7 +194,8 @@ def test_expert_parallel_training_matches_one_process(spawned, world, moe_world_
 
 def test_a_checkpoint_saved_with_expert_parallelism_loads_with_any_degree_and_without_processes(spawned, workdir):
     """DCP reshards: saved by 4 ranks with moe_world_size 2, loaded by 4 ranks with 1 and 4, and by
-    one process with no process group at all; every copy predicts the same logits."""
+    one process with no process group at all; every copy predicts the same logits. And `init_from`
+    fills an expert-parallel model from a one-process checkpoint."""
     import torch.distributed.checkpoint as dcp
 
     world, moe_world_size = RESHARDED
@@ -191,6 +209,7 @@ def test_a_checkpoint_saved_with_expert_parallelism_loads_with_any_degree_and_wi
     for copy in (1, 4):
         torch.testing.assert_close(logits[copy], logits['saved'], rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(plain(batches(1)[0, 0]), logits['saved'], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(logits['init_from']['loaded'], logits['init_from']['saved'], rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize('moe_world_size,world_size,words', [
