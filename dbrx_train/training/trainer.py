@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 from composer import Trainer
-from composer.core import DataSpec, Evaluator
+from composer.core import DataSpec, Evaluator, Precision
+from composer.distributed.fsdp2 import create_mixed_precision_policy
 from composer.utils import dist, reproducibility
 from composer.utils.parallelism import FSDP2Config
 
@@ -114,10 +115,13 @@ def _fsdp2(cfg: TrainConfig, device: str) -> FSDP2Config | None:
                        state_dict_type=fsdp.state_dict_type, mixed_precision=fsdp.mixed_precision)
 
 
-def _place_experts(model, cfg: TrainConfig, device: str) -> None:
-    from composer.core import Precision
-    from composer.distributed.fsdp2 import create_mixed_precision_policy
+def _build_algorithm(name: str, kwargs: dict):
+    from llmfoundry.utils.builders import build_algorithm
 
+    return OUR_ALGORITHMS[name](**kwargs) if name in OUR_ALGORITHMS else build_algorithm(name, kwargs)
+
+
+def _place_experts(model, cfg: TrainConfig, device: str) -> None:
     mesh = expert_parallel_mesh(cfg.model.ffn_config.moe_world_size, 'cuda' if device == 'gpu' else 'cpu')
     log.info('expert parallelism: %s', mesh)
     # The mixed precision Composer gives the other FSDP2 units.
@@ -137,7 +141,7 @@ def _setup_logging(level: str | None) -> None:
 
 
 def build_trainer(cfg: TrainConfig) -> Trainer:
-    from llmfoundry.utils.builders import build_algorithm, build_callback, build_logger, build_optimizer, build_scheduler
+    from llmfoundry.utils.builders import build_callback, build_logger, build_optimizer, build_scheduler
 
     register_ours()
     device = resolve_device(cfg)
@@ -172,9 +176,7 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
                                      lambda n, kw: build_optimizer(model, n, kw))
     scheduler = build_from_registry('scheduler', cfg.scheduler['name'],
                                      {k: v for k, v in cfg.scheduler.items() if k != 'name'}, build_scheduler)
-    algorithms = [build_from_registry('algorithms', n, kw or {},
-                                      lambda n, kw: OUR_ALGORITHMS[n](**kw) if n in OUR_ALGORITHMS else build_algorithm(n, kw))
-                  for n, kw in cfg.algorithms.items()]
+    algorithms = [build_from_registry('algorithms', n, kw or {}, _build_algorithm) for n, kw in cfg.algorithms.items()]
     callbacks = [build_from_registry('callbacks', n, _callback_kwargs(n, kw or {}, device), build_callback)
                  for n, kw in cfg.callbacks.items()]
     loggers = [build_from_registry('loggers', n, kw or {}, build_logger) for n, kw in cfg.loggers.items()]
