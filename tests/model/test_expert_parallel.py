@@ -47,9 +47,9 @@ def dispatch_on_rank(kind: str, top_k: int):
     x = x[rank].requires_grad_()
     out = ep(x, weights[rank], experts[rank])
     out.backward(torch.ones_like(out) * (rank + 1))
-    weights = {n: getattr(ep, n) for n in ('w1', 'v1', 'w2')}
-    return {'out': out.detach(), 'x_grad': x.grad, 'w': {n: w.to_local().detach() for n, w in weights.items()},
-            'grad': {n: w.grad.to_local() for n, w in weights.items()}}
+    params = {n: getattr(ep, n) for n in ('w1', 'v1', 'w2')}
+    return {'out': out.detach(), 'x_grad': x.grad, 'w': {n: p.to_local().detach() for n, p in params.items()},
+            'grad': {n: p.grad.to_local() for n, p in params.items()}}
 
 
 def one_process(kind: str, world: int, top_k: int):
