@@ -22,9 +22,10 @@ class MoEMonitor(Callback):
     of experts (1 when balanced, E when one expert takes everything). Also the worst layer of each.
     Counts are all ranks' (all-reduced), so every rank logs the same numbers.
 
-    With expert parallelism also, per step: `moe/all_to_all_rows` (rows dispatched to another rank)
-    and `moe/all_to_all_bytes` (bytes the four all-to-alls of forward and backward moved between
-    ranks), summed over layers and ranks, and `moe/ep_busiest_rank_share`: the largest share of a
+    With expert parallelism also, per step: `moe/all_to_all_rows` (rows the forward passes
+    dispatched to another rank; activation checkpointing's recomputation dispatches them again)
+    and `moe/all_to_all_bytes` (bytes the all-to-alls of forward, recomputation and backward moved
+    between ranks), summed over layers and ranks, and `moe/ep_busiest_rank_share`: the largest share of a
     layer's expert rows that one rank of an expert-parallel group computed (1 / moe_world_size when
     balanced), over layers.
     """

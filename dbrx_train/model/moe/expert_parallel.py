@@ -68,21 +68,29 @@ class ExpertParallelExperts(Experts):
         out = grouped_experts(rows[by_expert], [sum(col) for col in zip(*received)], *weights)
         out = out[torch.argsort(by_expert)]
         expert_out = _all_to_all(out, send_splits, recv_splits, group)
-        self._count_traffic(send_splits, recv_splits, x, out)
+        self._count_traffic(send_splits, recv_splits, rows, expert_out)
         return combine(x, expert_out, top_weights, order, token_of_row)
 
-    def _count_traffic(self, send_splits: list[int], recv_splits: list[int], x: torch.Tensor, out: torch.Tensor):
+    def _count_traffic(self, send_splits: list[int], recv_splits: list[int], rows: torch.Tensor,
+                       expert_out: torch.Tensor) -> None:
         me = self.mesh.get_local_rank()
         dispatched, returned = sum(send_splits) - send_splits[me], sum(recv_splits) - recv_splits[me]
-        d, x_bytes, out_bytes = x.shape[-1], x.element_size(), out.element_size()
-        sent = d * (dispatched * x_bytes + returned * out_bytes)
-        if torch.is_grad_enabled() and x.requires_grad:  # the backward pass: each all-to-all the other way
-            sent += d * (dispatched * out_bytes + returned * x_bytes)
-        self.traffic += torch.tensor([dispatched, sent])
+        d, in_bytes, out_bytes = rows.shape[-1], rows.element_size(), expert_out.element_size()
+        self.traffic += torch.tensor([dispatched, d * (dispatched * in_bytes + returned * out_bytes)])
+        if expert_out.requires_grad:
+            # Counted when the backward pass runs (each all-to-all the other way): once, even when
+            # activation checkpointing runs the forward pass (and its all-to-alls) twice.
+            backward = torch.tensor([0, d * (dispatched * out_bytes + returned * in_bytes)])
+
+            def count_backward(grad: torch.Tensor) -> None:
+                self.traffic += backward
+
+            expert_out.register_hook(count_backward)
 
     def take_traffic(self) -> torch.Tensor:
-        """`[rows dispatched to other ranks, bytes sent to other ranks by all four all-to-alls]` since
-        the last call, on this rank (activation checkpointing's recomputation included)."""
+        """`[rows dispatched to other ranks, bytes this rank sent to others]` since the last call: the
+        forward passes' all-to-alls (activation checkpointing's recomputation included) and the
+        backward pass's."""
         traffic, self.traffic = self.traffic, torch.zeros_like(self.traffic)
         return traffic
 
