@@ -11,7 +11,7 @@ import torch
 
 import dbrx_train
 
-from tests.training.conftest import CONFIG, REPO, TRAIN, losses
+from tests.training.conftest import CONFIG, REPO, TRAIN, losses, run, tiny_overrides
 
 STEPS = 6
 
