@@ -37,9 +37,11 @@ class FFNConfig:
     moe_jitter_eps: float | None = None
     moe_loss_weight: float = 0.05
     moe_normalize_expert_weights: float | None = 1.0
+    # Expert parallelism (llm-foundry's name): ranks that split each layer's experts between them.
+    moe_world_size: int = 1
 
     def check(self) -> None:
-        for name in ('ffn_hidden_size', 'moe_num_experts', 'moe_top_k'):
+        for name in ('ffn_hidden_size', 'moe_num_experts', 'moe_top_k', 'moe_world_size'):
             if getattr(self, name) < 1:
                 raise ConfigError(name, f'must be at least 1, got {getattr(self, name)}')
         if self.moe_top_k > self.moe_num_experts:
@@ -53,6 +55,9 @@ class FFNConfig:
             raise ConfigError('moe_loss_weight', f'must be non-negative, got {self.moe_loss_weight}')
         if self.moe_normalize_expert_weights is not None and self.moe_normalize_expert_weights <= 0:
             raise ConfigError('moe_normalize_expert_weights', 'must be positive or null')
+        if self.moe_num_experts % self.moe_world_size:
+            raise ConfigError('moe_world_size', f'moe_num_experts ({self.moe_num_experts}) is not divisible by '
+                                                f'{self.moe_world_size}')
 
 
 @dataclass(frozen=True)

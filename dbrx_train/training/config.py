@@ -132,7 +132,18 @@ class TrainConfig:
         if self.curriculum is not None and self.train_loader.name != 'text':
             raise ConfigError('curriculum', f'mixes the streams of a text train_loader, not of a '
                                             f'{self.train_loader.name} one')
+        if self.model.ffn_config.moe_world_size > 1:
+            self._check_expert_parallel()
         _ = self.schedule  # the curriculum's streams, durations and coverage of max_duration, checked now
+
+    def _check_expert_parallel(self) -> None:
+        key = 'model.ffn_config.moe_world_size'
+        if self.fsdp_config is None or self.fsdp_config.sharding_strategy != 'FULL_SHARD':
+            raise ConfigError(key, 'expert parallelism needs fsdp_config with sharding_strategy FULL_SHARD')
+        if self.lora is not None:
+            raise ConfigError(key, 'LoRA adapters are not supported with expert parallelism')
+        if self.init_device != 'cpu':
+            raise ConfigError(key, "expert parallelism needs init_device 'cpu' (every rank builds the model)")
 
     @functools.cached_property
     def schedule(self) -> Schedule | None:

@@ -28,7 +28,9 @@ from dbrx_train.training.callbacks import MetricsFileLogger, MoEMonitor
 from dbrx_train.training.composer_model import LM_METRICS, ComposerDbrx
 from dbrx_train.training.config import TrainConfig
 from dbrx_train.training.curriculum_monitor import CurriculumMonitor
+from dbrx_train.training.expert_parallel import check_moe_world_size, expert_parallel_mesh, parallelize_experts
 from dbrx_train.training.finetune import check_init_from, prepare_model, start_from_pretrained
+from dbrx_train.training.gradient_average import fix_gradient_average
 from dbrx_train.training.hardware import matmul_peak_flops
 
 log = logging.getLogger(__name__)
@@ -109,6 +111,17 @@ def _fsdp2(cfg: TrainConfig, device: str) -> FSDP2Config | None:
                        state_dict_type=fsdp.state_dict_type, mixed_precision=fsdp.mixed_precision)
 
 
+def _place_experts(model, cfg: TrainConfig, device: str) -> None:
+    from composer.core import Precision
+    from composer.distributed.fsdp2 import create_mixed_precision_policy
+
+    mesh = expert_parallel_mesh(cfg.model.ffn_config.moe_world_size, 'cuda' if device == 'gpu' else 'cpu')
+    log.info('expert parallelism: %s', mesh)
+    # The mixed precision Composer gives the other FSDP2 units.
+    mp_policy = create_mixed_precision_policy(Precision(cfg.precision), cfg.fsdp_config.mixed_precision)
+    parallelize_experts(model, mesh, mp_policy, cfg.fsdp_config.reshard_after_forward)
+
+
 def _setup_logging(level: str | None) -> None:
     """Composer's Trainer configures logging for `composer` when it is built; this does the same
     for `dbrx_train`, earlier, so that start-up lines (FSDP, init_from, curriculum) show too."""
@@ -129,10 +142,13 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
     _setup_logging(cfg.python_log_level)
     reproducibility.seed_all(cfg.seed)
     batch_per_device = device_batch_size(cfg, dist.get_world_size())
+    check_moe_world_size(cfg.model.ffn_config.moe_world_size, dist.get_world_size())
 
     check_init_from(cfg.init_from, cfg.model)  # before the model is built: that can take long
     model = ComposerDbrx(cfg.model, device=_init_device(cfg, device))
     prepare_model(model.model, cfg.freeze, cfg.lora)  # what trains, before the optimizer sees it
+    if cfg.model.ffn_config.moe_world_size > 1:
+        _place_experts(model.model, cfg, device)  # before the optimizer and Composer's FSDP2
     if cfg.curriculum is not None:
         train_loader = build_mixture_dataloader(cfg.train_loader, cfg.schedule, cfg.seq_len)
     else:
@@ -193,6 +209,7 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
         dist_timeout=cfg.dist_timeout,
         python_log_level=cfg.python_log_level,
     )
+    fix_gradient_average(trainer.state.model)  # FSDP2's gradient mean on gloo
     start_from_pretrained(trainer, cfg.init_from, cfg.lora)  # into the placed (and sharded) model
     return trainer
 

@@ -36,6 +36,8 @@ def with_changes(**changes):
     ({'ffn_config__moe_top_k': 9}, 'ffn_config.moe_top_k', 'cannot exceed the number of experts'),
     ({'attn_config__kv_n_heads': 3}, 'attn_config.kv_n_heads', 'must be divisible by kv_n_heads'),
     ({'moe_backend': 'megablock'}, 'moe_backend', "did you mean 'megablocks'"),
+    ({'ffn_config__moe_world_size': 3}, 'ffn_config.moe_world_size', 'moe_num_experts (8) is not divisible by 3'),
+    ({'ffn_config__moe_world_size': 0}, 'ffn_config.moe_world_size', 'must be at least 1'),
 ])
 def test_bad_config_is_one_line_naming_the_key(changes, key, words):
     data = with_changes(**changes)

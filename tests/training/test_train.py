@@ -113,3 +113,19 @@ def test_a_missing_data_directory_is_one_line_naming_the_stream(tiny_corpus, tmp
     _fails_with_one_line([str(CONFIG), f'train_loader.dataset.streams.text.local={tiny_corpus / "text"}',
                           f'train_loader.dataset.streams.code.local={tmp_path / "nowhere"}'],
                          'train_loader.dataset.streams.code.local: data directory not found')
+
+
+def test_expert_parallel_processes_match_one_process(tiny_corpus, reference, tmp_path):
+    # Each of the 2 ranks owns 8 of the 16 experts of each layer; tokens travel to them.
+    run(tiny_overrides(tiny_corpus, tmp_path, **{'model.ffn_config.moe_world_size': 2}), processes=2,
+        log_dir=tmp_path)
+    for key in ('loss/train/lm', 'loss/train/moe_aux'):
+        one, two = losses(reference / 'metrics.jsonl', key), losses(tmp_path / 'metrics.jsonl', key)
+        assert sorted(two) == sorted(one)
+        for step in one:
+            assert two[step] == pytest.approx(one[step], rel=1e-4), (key, step)
+
+
+def test_an_expert_parallel_degree_above_the_world_size_is_one_line(tiny_corpus, tmp_path):
+    _fails_with_one_line([str(CONFIG), *tiny_overrides(tiny_corpus, tmp_path, **{'model.ffn_config.moe_world_size': 2})],
+                         'model.ffn_config.moe_world_size: 2 is larger than the world size (1)')

@@ -15,26 +15,42 @@ from dbrx_train.model.moe.base import Experts
 
 class TorchDroplessExperts(Experts):
     def forward(self, x: torch.Tensor, top_weights: torch.Tensor, top_experts: torch.Tensor) -> torch.Tensor:
-        top_k = top_experts.shape[-1]
-        flat_experts = top_experts.reshape(-1)
-        order = torch.argsort(flat_experts, stable=True)
-        token_of_row = order // top_k
+        order, token_of_row, rows_per_expert = sort_by_expert(top_experts, self.num_experts)
         # Rows per expert decide the matmul shapes, so they must be known on the host.
-        rows_per_expert = torch.bincount(flat_experts, minlength=self.num_experts).tolist()
+        expert_out = grouped_experts(x[token_of_row], rows_per_expert.tolist(), self.w1, self.v1, self.w2)
+        return combine(x, expert_out, top_weights, order, token_of_row)
 
-        # unbind, not w1[e]: each select's backward would write a zero-filled full-size gradient.
-        w1, v1, w2 = (w.view(self.num_experts, self.ffn_hidden_size, self.d_model).unbind(0)
-                      for w in (self.w1, self.v1, self.w2))
 
-        # Under autocast autograd's own ops keep the casts right; otherwise the GLU saves less.
-        glu = _glu if torch.is_autocast_enabled(x.device.type) else _GLU.apply
-        routed = x[token_of_row]
-        outputs = []
-        for e, rows in enumerate(routed.split(rows_per_expert)):
-            if rows.shape[0]:
-                outputs.append(glu(rows, w1[e], v1[e], w2[e]))
-        expert_out = torch.cat(outputs) * top_weights.reshape(-1, 1)[order].to(x.dtype)
-        return torch.zeros_like(x).index_add_(0, token_of_row, expert_out)
+def sort_by_expert(top_experts: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The (token, slot) rows in expert order: `order` (indices into the flattened `top_experts`),
+    the token of each row, and the rows of each expert `(num_experts,)`, on the device of the data."""
+    flat_experts = top_experts.reshape(-1)
+    order = torch.argsort(flat_experts, stable=True)
+    return order, order // top_experts.shape[-1], torch.bincount(flat_experts, minlength=num_experts)
+
+
+def grouped_experts(rows: torch.Tensor, rows_per_expert: list[int], w1: torch.Tensor, v1: torch.Tensor,
+                    w2: torch.Tensor) -> torch.Tensor:
+    """Each expert's GLU on its block of `rows` (sorted by expert); `w1`, `v1`, `w2` hold the
+    `len(rows_per_expert)` experts as `(experts * ffn_hidden_size, d_model)`."""
+    experts = len(rows_per_expert)
+    # unbind, not w1[e]: each select's backward would write a zero-filled full-size gradient.
+    w1, v1, w2 = (w.view(experts, -1, w.shape[-1]).unbind(0) for w in (w1, v1, w2))
+    # Under autocast autograd's own ops keep the casts right; otherwise the GLU saves less.
+    glu = _glu if torch.is_autocast_enabled(rows.device.type) else _GLU.apply
+    outputs = [glu(block, w1[e], v1[e], w2[e]) for e, block in enumerate(rows.split(rows_per_expert)) if len(block)]
+    if not outputs:
+        # An expert-parallel rank can receive no row. Its weights still take part in the backward
+        # pass (with a zero gradient), so every rank runs the same gradient collectives.
+        outputs.append(glu(rows, w1[0], v1[0], w2[0]))
+    return torch.cat(outputs)
+
+
+def combine(x: torch.Tensor, expert_out: torch.Tensor, top_weights: torch.Tensor, order: torch.Tensor,
+            token_of_row: torch.Tensor) -> torch.Tensor:
+    """Each token's router-weighted sum of its rows of `expert_out` (in `sort_by_expert` order)."""
+    weighted = expert_out * top_weights.reshape(-1, 1)[order].to(x.dtype)
+    return torch.zeros_like(x).index_add_(0, token_of_row, weighted)
 
 
 def _glu(x, w1, v1, w2):

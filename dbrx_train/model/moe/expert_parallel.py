@@ -1,0 +1,98 @@
+"""Expert parallelism: each rank of an expert-parallel group owns `num_experts / group size` whole
+experts, and the (token, slot) rows travel to them.
+
+Per layer, on every rank of the group: route locally, exchange the rows-per-expert counts,
+`all_to_all` each row to the rank owning its expert (uneven splits: no capacity factor, no
+padding, no dropped row), run the local experts with the dropless grouped GLU of the `torch`
+backend, `all_to_all` the results back and combine them with the router weights. Autograd runs
+back through both all-to-alls. A token's output depends only on that token, as in one process.
+
+The parameters keep their names and full shapes: each is a DTensor `Shard(0)` over the group's
+mesh (experts are contiguous blocks of rows of `w1`, `v1`, `w2`), so a distributed checkpoint
+records the layout and reshards on load.
+
+Gradients: the rows of every rank of the group reach the local experts, so their weight gradient
+sums over the group's micro-batches; it is divided by the group size here, which makes it the
+group's mean, as data-parallel gradients are averaged over their ranks. Data parallelism over
+the replicas of the group (FSDP2 on the other mesh dimension) then averages across replicas.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.nn.functional import all_to_all_single
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+from dbrx_train.model.moe.base import Experts
+from dbrx_train.model.moe.torch_dropless import combine, grouped_experts, sort_by_expert
+
+WEIGHTS = ('w1', 'v1', 'w2')
+
+
+class ExpertParallelExperts(Experts):
+    def __init__(self, experts: Experts, mesh: DeviceMesh):
+        """This rank's experts of `experts` (whose parameters every rank holds in full, with the same
+        values) over the 1-D expert-parallel `mesh`."""
+        if experts.num_experts % mesh.size():
+            raise ValueError(f'{experts.num_experts} experts cannot be split over {mesh.size()} ranks')
+        super().__init__(experts.d_model, experts.ffn_hidden_size, experts.num_experts, device='meta')
+        self.mesh = mesh
+        for name in WEIGHTS:
+            full = getattr(experts, name)
+            local = distribute_tensor(full.detach(), mesh, [Shard(0)])
+            setattr(self, name, nn.Parameter(local, requires_grad=full.requires_grad))
+
+    @property
+    def local_experts(self) -> int:
+        return self.num_experts // self.mesh.size()
+
+    def forward(self, x: torch.Tensor, top_weights: torch.Tensor, top_experts: torch.Tensor) -> torch.Tensor:
+        group, ranks, local = self.mesh.get_group(), self.mesh.size(), self.local_experts
+        order, token_of_row, rows_per_expert = sort_by_expert(top_experts, self.num_experts)
+        # received[src * local + e]: the rows rank `src` sends to this rank's expert e.
+        received_per_expert = torch.empty_like(rows_per_expert)
+        dist.all_to_all_single(received_per_expert, rows_per_expert, group=group)
+        sent, received = torch.stack([rows_per_expert, received_per_expert]).view(2, ranks, local).tolist()
+        send_splits, recv_splits = [sum(r) for r in sent], [sum(r) for r in received]
+
+        rows = _all_to_all(x[token_of_row], recv_splits, send_splits, group)
+        # Arrived grouped by source rank, then expert: regroup by expert for the grouped GLU.
+        expert_of_row = torch.arange(local, device=x.device).repeat(ranks).repeat_interleave(
+            received_per_expert, output_size=sum(recv_splits))
+        by_expert = torch.argsort(expert_of_row, stable=True)
+        weights = [_ScaleGrad.apply(_local(getattr(self, name)), 1.0 / ranks) for name in WEIGHTS]
+        out = grouped_experts(rows[by_expert], [sum(col) for col in zip(*received)], *weights)
+        out = out[torch.argsort(by_expert)]
+        expert_out = _all_to_all(out, send_splits, recv_splits, group)
+        return combine(x, expert_out, top_weights, order, token_of_row)
+
+    def extra_repr(self) -> str:
+        return f'{super().extra_repr()}, expert_parallel={self.mesh.size()} (local experts {self.local_experts})'
+
+
+def _all_to_all(rows: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
+    """Differentiable all-to-all of `rows` with uneven splits: the backward pass sends the
+    gradients the opposite way."""
+    out = rows.new_empty((sum(out_splits), rows.shape[-1]))
+    return all_to_all_single(out, rows.contiguous(), out_splits, in_splits, group=group)
+
+
+def _local(param: torch.Tensor) -> torch.Tensor:
+    # Gathered by FSDP2 (or without it), an expert weight is a DTensor over the expert mesh.
+    return param.to_local() if isinstance(param, DTensor) else param
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; multiplies the gradient by `scale` in the backward pass."""
+
+    @staticmethod
+    def forward(ctx, x, scale: float):
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.scale, None
