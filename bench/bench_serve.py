@@ -113,7 +113,7 @@ def hf_run(hf, batch_prompts: list[list[int]], new_tokens: int) -> Run:
 @contextlib.contextmanager
 def server_process(model, workdir: Path, max_batch_size: int, dtype: str):
     """`python -m dbrx_train.serve` on a checkpoint of `model`; yields its URL once /health answers."""
-    from dbrx_train.checkpoint import save_checkpoint
+    from dbrx_train.checkpoints import save_checkpoint
 
     save_checkpoint(model, workdir / 'model')
     with socket.socket() as sock:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from dbrx_train.convert import hf_config, hf_names
+from dbrx_train.checkpoints.hf import hf_config, hf_names
 from dbrx_train.model import DbrxLM, ModelConfig
 from dbrx_train.training.hardware import matmul_peak_flops
 from dbrx_train.typed_config import load_yaml, parse

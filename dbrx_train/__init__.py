@@ -10,9 +10,9 @@ import importlib
 _EXPORTS = {
     'DbrxLM': 'dbrx_train.model.dbrx',
     'ModelConfig': 'dbrx_train.model.config',
-    'load_pretrained': 'dbrx_train.pretrained',
-    'load_checkpoint': 'dbrx_train.checkpoint',
-    'save_checkpoint': 'dbrx_train.checkpoint',
+    'load_pretrained': 'dbrx_train.checkpoints',
+    'load_checkpoint': 'dbrx_train.checkpoints',
+    'save_checkpoint': 'dbrx_train.checkpoints',
     'load_model_config': 'dbrx_train.info',
     'parameter_counts': 'dbrx_train.model.flops',
     'train_flops_per_token': 'dbrx_train.model.flops',

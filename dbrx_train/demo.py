@@ -10,12 +10,21 @@ Re-running resumes from the last checkpoint (`autoresume`); `make clean` starts 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
+from dbrx_train.checkpoints.composer import load_composer_checkpoint
+from dbrx_train.data import make_embedded_corpus
 from dbrx_train.errors import UserError, cli_entry
+from dbrx_train.tokenizer import get_encoding
+from dbrx_train.training.config import TrainConfig
+from dbrx_train.typed_config import load_yaml, parse
 
 CONFIG = Path('yamls/pretrain/dbrx-tiny.yaml')
 PROMPTS = ('def read_file(path):\n    """', 'Return the number of')
@@ -27,10 +36,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument('overrides', nargs='*', help='dotted.key=value overrides of the training YAML')
     parser.add_argument('--processes', type=int, default=1, help='training processes (composer -n)')
     args = parser.parse_args(argv)
-
-    from dbrx_train.data import make_embedded_corpus
-    from dbrx_train.typed_config import load_yaml, parse
-    from dbrx_train.training.config import TrainConfig
 
     cfg = parse(TrainConfig, load_yaml(CONFIG, args.overrides))
     print(f'== 1/3 embedded corpus ({cfg.seq_len}-token samples)', flush=True)
@@ -52,9 +57,6 @@ def main(argv: list[str] | None = None) -> None:
 
 def training_summary(metrics_file: Path, window: int = 10) -> str:
     """LM loss over the first and last `window` steps of each curriculum phase, and the speed."""
-    import json
-    import statistics
-
     steps: dict[int, dict] = {}
     for line in metrics_file.read_text().splitlines():
         record = json.loads(line)
@@ -76,11 +78,6 @@ def training_summary(metrics_file: Path, window: int = 10) -> str:
 
 
 def show_samples(save_folder: str) -> None:
-    import torch
-
-    from dbrx_train.composer_checkpoint import load_composer_checkpoint
-    from dbrx_train.tokenizer import get_encoding
-
     model = load_composer_checkpoint(save_folder)
     encoding = get_encoding()
     generator = torch.Generator().manual_seed(0)

@@ -13,13 +13,16 @@ if __name__ == '__main__' and sys.path and sys.path[0] == os.path.dirname(os.pat
     # (data, model, ...) cannot shadow top-level packages of the same name.
     sys.path.pop(0)
 
+from composer.utils import dist  # noqa: E402
+
 from dbrx_train.errors import UserError, cli_entry  # noqa: E402
+from dbrx_train.evaluation.config import EvalConfig  # noqa: E402
+from dbrx_train.evaluation.report import metrics_table  # noqa: E402
+from dbrx_train.evaluation.runner import evaluate  # noqa: E402
 from dbrx_train.typed_config import load_yaml, parse  # noqa: E402
 
 
 def load_config(argv: list[str]):
-    from dbrx_train.evaluation.config import EvalConfig
-
     if not argv or argv[0].startswith('-'):
         raise UserError('usage: composer dbrx_train/eval.py CONFIG.yaml [dotted.key=value ...]')
     return parse(EvalConfig, load_yaml(argv[0], argv[1:]))
@@ -28,11 +31,6 @@ def load_config(argv: list[str]):
 @cli_entry
 def main(argv: list[str] | None = None) -> None:
     cfg = load_config(sys.argv[1:] if argv is None else argv)  # also checks every ICL task
-    from composer.utils import dist
-
-    from dbrx_train.evaluation.report import metrics_table
-    from dbrx_train.evaluation.runner import evaluate
-
     metrics = evaluate(cfg)
     if dist.get_global_rank() == 0:
         print(metrics_table(metrics, f'{cfg.run_name}: {cfg.checkpoint}'), flush=True)

@@ -2,167 +2,22 @@
 
     python -m dbrx_train.export SOURCE OUT [--dtype bfloat16] [--max-shard-size 5GB] [--overwrite]
 
-SOURCE is a Composer save_folder or checkpoint that train.py wrote (LoRA adapters are merged
-into the weights), a dbrx_train checkpoint, or a transformers DBRX directory. OUT gets what
-`DbrxForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained` load without remote code:
-config.json, generation_config.json (stops on <|endoftext|> and <|im_end|>, pads with <|pad|>),
-safetensors shards with their index, and a fast tokenizer (tokenizer.json: cl100k_base plus DBRX's
-special tokens at DBRX's ids) whose chat template is DBRX's ChatML.
-
-Tensors are streamed: each is read on its own (from a sharded Composer checkpoint, only that
-tensor's chunks), merged with its adapter factors, cast and written into the current output
-shard, so at most one output shard and one tensor are in memory. A Composer *full* checkpoint
-(`*.pt`) is a single pickle and is read whole. OUT is written beside itself and renamed into place.
+SOURCE is a Composer save_folder or checkpoint that train.py wrote (LoRA adapters are merged),
+a dbrx_train checkpoint, or a transformers DBRX directory. The work is
+`dbrx_train.checkpoints.export`'s; this is its command line.
 """
 
 from __future__ import annotations
 
 import argparse
-import base64
-import functools
-import itertools
-import json
-import logging
-import tempfile
-from collections.abc import Iterator
-from pathlib import Path
 
-import torch
-
-from dbrx_train.checkpoint import (
-    DEFAULT_MAX_SHARD_BYTES,
-    atomic_directory,
-    expected_shapes,
-    stream_tensors,
-    write_weights,
-)
-from dbrx_train.errors import CheckpointError, UserError, cli_entry
-from dbrx_train.model.config import ModelConfig
-from dbrx_train.model.lora import merged_weight, split_adapted_name
-from dbrx_train.tokenizer import IM_END_ID, PAD_ID, STOP_TOKEN_IDS
-
-log = logging.getLogger(__name__)
-
-DTYPES = {'auto': None, 'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
-NamedTensors = Iterator[tuple[str, torch.Tensor]]
-
-
-# ---------------------------------------------------------------- reading sources
-
-
-def source_tensors(source: str | Path) -> tuple[ModelConfig, NamedTensors]:
-    """The model config of `source` and its weights under plain `DbrxLM` names, one at a time."""
-    from dbrx_train.saved_model import COMPOSER, describe, safetensors_index
-
-    kind, config = describe(source)
-    if kind == COMPOSER:
-        return config, _composer_tensors(Path(source), config)
-    return config, stream_tensors(safetensors_index(source, kind, config), desc='exporting')
-
-
-def _composer_tensors(source: Path, config: ModelConfig) -> NamedTensors:
-    """Base tensors merged with their LoRA factors, if any, as `merge_lora` would."""
-    from dbrx_train.composer_checkpoint import check_stored_shapes, resolve, stored_model_tensors
-
-    checkpoint = resolve(source)
-    shapes, read = stored_model_tensors(checkpoint)
-    parts: dict[str, dict[str, str]] = {}  # plain name -> part ('weight', 'lora_A', ...) -> stored name
-    for name in shapes:
-        plain, part = split_adapted_name(name)
-        parts.setdefault(plain, {})[part] = name
-    expected = expected_shapes(config)
-    base_shapes = {plain: shapes[names['weight']] for plain, names in parts.items() if 'weight' in names}
-    check_stored_shapes(checkpoint, base_shapes, expected)
-    return _merged(expected, parts, read)
-
-
-def _merged(names, parts: dict[str, dict[str, str]], read) -> NamedTensors:
-    from tqdm import tqdm
-
-    for name in tqdm(names, desc='exporting', unit='tensor', disable=None):
-        weight = read(parts[name]['weight'])
-        if 'lora_A' in parts[name]:
-            adapter = [read(parts[name][part]) for part in ('lora_A', 'lora_B', 'scale')]
-            weight = merged_weight(weight.float(), *(t.float() for t in adapter)).to(weight.dtype)
-        yield name, weight
-
-
-# ---------------------------------------------------------------- writing
-
-
-def export(source: str | Path, out: str | Path, dtype: str = 'auto', max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-           overwrite: bool = False) -> Path:
-    """Writes the transformers directory of `source` to `out` (atomically); `dtype` 'auto' keeps the stored one."""
-    from transformers import GenerationConfig
-
-    from dbrx_train.convert import hf_config, hf_names
-
-    if dtype not in DTYPES:
-        raise UserError(f'dtype must be one of {", ".join(DTYPES)}, got {dtype!r}')
-    config, tensors = source_tensors(source)
-    names = hf_names(config.n_layers)
-    with atomic_directory(out, overwrite) as tmp:
-        first_name, first = next(tensors)
-        target_dtype = DTYPES[dtype] or first.dtype
-        hf_config(config, target_dtype).to_json_file(tmp / 'config.json')
-        all_tensors = itertools.chain([(first_name, first)], tensors)
-        write_weights(tmp, ((names[n], t.to(target_dtype)) for n, t in all_tensors), max_shard_bytes)
-        if config.vocab_size <= IM_END_ID:
-            log.warning('no tokenizer written: a vocabulary of %d is too small for DBRX\'s tokens', config.vocab_size)
-        else:
-            GenerationConfig(eos_token_id=list(STOP_TOKEN_IDS), pad_token_id=PAD_ID).save_pretrained(tmp)
-            save_tokenizer(tmp, config.max_seq_len)
-    return Path(out)
-
-
-def save_tokenizer(directory: str | Path, model_max_length: int) -> None:
-    """A transformers fast tokenizer equal to `tokenizer.get_encoding()` (same ids, same special tokens),
-    with the ChatML chat template: loads with `AutoTokenizer`, no remote code."""
-    from tokenizers import Tokenizer
-    from transformers import PreTrainedTokenizerFast
-
-    from dbrx_train.tokenizer import CHATML_TEMPLATE, EOS_TOKEN, IM_END_TOKEN, IM_START_TOKEN, PAD_TOKEN
-
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer.from_str(_tokenizer_json()), eos_token=EOS_TOKEN, bos_token=EOS_TOKEN,
-        unk_token=EOS_TOKEN, pad_token=PAD_TOKEN, additional_special_tokens=[IM_START_TOKEN, IM_END_TOKEN],
-        chat_template=CHATML_TEMPLATE, model_max_length=model_max_length,
-    )
-    tokenizer.save_pretrained(directory)
-
-
-@functools.lru_cache(maxsize=1)
-def _tokenizer_json() -> str:
-    """cl100k_base as a `tokenizers` BPE (transformers' tiktoken converter), DBRX's special tokens at DBRX's
-    ids. (cl100k_base leaves ids 100256 and 100261-100275 unused: `tokenizers` warns of "holes".)"""
-    from transformers.convert_slow_tokenizer import TikTokenConverter
-
-    from dbrx_train.tokenizer import get_encoding
-
-    encoding = get_encoding()
-    with tempfile.TemporaryDirectory() as tmp:
-        ranks_file = Path(tmp) / 'cl100k_base.tiktoken'  # the converter reads tiktoken's file format
-        ranks = sorted(encoding._mergeable_ranks.items(), key=lambda item: item[1])
-        ranks_file.write_bytes(b''.join(base64.b64encode(token) + b' %d\n' % rank for token, rank in ranks))
-        # The converter's default split pattern is cl100k_base's, written without the possessive
-        # quantifiers of tiktoken's copy, which the `tokenizers` regex engine would read differently.
-        bpe = TikTokenConverter(vocab_file=str(ranks_file), additional_special_tokens=[]).converted()
-    # The converter would number added tokens after the vocabulary; DBRX's have fixed ids.
-    spec = json.loads(bpe.to_str())
-    spec['model']['vocab'].update(encoding._special_tokens)
-    spec['added_tokens'] = [{'id': token_id, 'content': token, 'single_word': False, 'lstrip': False, 'rstrip': False,
-                             'normalized': False, 'special': True}
-                            for token, token_id in sorted(encoding._special_tokens.items(), key=lambda item: item[1])]
-    return json.dumps(spec)
-
-
-# ---------------------------------------------------------------- command line
+from dbrx_train.checkpoints.export import DTYPES, export
+from dbrx_train.checkpoints.storage import parse_size
+from dbrx_train.errors import cli_entry
 
 
 @cli_entry
 def main(argv: list[str] | None = None) -> None:
-    from dbrx_train.convert import parse_size
-
     parser = argparse.ArgumentParser(prog='python -m dbrx_train.export', description=__doc__.split('\n\n')[0])
     parser.add_argument('source', help='Composer save_folder/checkpoint, dbrx_train checkpoint, or transformers dir')
     parser.add_argument('out', help='the transformers directory to write')

@@ -16,12 +16,13 @@ from pathlib import Path
 
 from dbrx_train.errors import cli_entry
 from dbrx_train.model.config import ModelConfig
+from dbrx_train.model.dbrx import DbrxLM
+from dbrx_train.model.flops import count_parameters, train_flops_per_token
+from dbrx_train.typed_config import load_yaml, parse
 
 
 def load_model_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> ModelConfig:
     """The `ModelConfig` of a model preset or of a training YAML's `model:` section."""
-    from dbrx_train.typed_config import load_yaml, parse
-
     data = load_yaml(path, overrides)
     if isinstance(data.get('model'), Mapping):
         return parse(ModelConfig, data['model'], 'model')
@@ -30,9 +31,6 @@ def load_model_config(path: str | Path, overrides: list[str] | tuple[str, ...] =
 
 def describe(config: ModelConfig, seq_len: int | None = None) -> str:
     """Total and active parameters and training FLOPs per token, counted on a `meta`-device model."""
-    from dbrx_train.model.dbrx import DbrxLM
-    from dbrx_train.model.flops import count_parameters, train_flops_per_token
-
     counts = count_parameters(DbrxLM(config, device='meta'))
     ffn = config.ffn_config
     seq_len = config.max_seq_len if seq_len is None else seq_len

@@ -13,13 +13,14 @@ if __name__ == '__main__' and sys.path and sys.path[0] == os.path.dirname(os.pat
     # (data, model, ...) cannot shadow top-level packages of the same name.
     sys.path.pop(0)
 
+from dbrx_train.data import check_local_data  # noqa: E402
 from dbrx_train.errors import UserError, cli_entry  # noqa: E402
+from dbrx_train.training.config import TrainConfig  # noqa: E402
+from dbrx_train.training.trainer import build_trainer  # noqa: E402
 from dbrx_train.typed_config import load_yaml, parse  # noqa: E402
 
 
 def load_config(argv: list[str]):
-    from dbrx_train.training.config import TrainConfig
-
     if not argv or argv[0].startswith('-'):
         raise UserError('usage: composer dbrx_train/train.py CONFIG.yaml [dotted.key=value ...]')
     return parse(TrainConfig, load_yaml(argv[0], argv[1:]))
@@ -28,13 +29,9 @@ def load_config(argv: list[str]):
 @cli_entry
 def main(argv: list[str] | None = None) -> None:
     cfg = load_config(sys.argv[1:] if argv is None else argv)
-    from dbrx_train.data import check_local_data
-
     check_local_data(cfg.train_loader.dataset, 'train_loader.dataset')  # before the slow start-up
     if cfg.eval_loader is not None:
         check_local_data(cfg.eval_loader.dataset, 'eval_loader.dataset')
-    from dbrx_train.training.trainer import build_trainer
-
     trainer = build_trainer(cfg)
     trainer.fit()
     trainer.close()

@@ -11,14 +11,13 @@ proportions move linearly from the previous phase's to its own; otherwise the sw
         more_code: {duration: 0.5dur, proportions: {text: 0.4, code: 0.6}, transition: 0.25dur}
 
 `resolve_schedule` turns that into whole steps once (`Schedule`); `dbrx_train.data.mixture`
-draws the samples. Check a YAML's schedule before a long run:
+draws the samples. Check a YAML's schedule before a long run (`dbrx_train.curriculum`):
 
-    python -m dbrx_train.data.curriculum yamls/pretrain/dbrx-tiny.yaml [key=value ...] [--png mix.png]
+    python -m dbrx_train.curriculum yamls/pretrain/dbrx-tiny.yaml [key=value ...] [--png mix.png]
 """
 
 from __future__ import annotations
 
-import argparse
 import bisect
 import logging
 import math
@@ -32,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from dbrx_train.errors import ConfigError, cli_entry
+from dbrx_train.errors import ConfigError
 
 if TYPE_CHECKING:
     from dbrx_train.data.text_dataset import TextDatasetConfig
@@ -273,32 +272,3 @@ def plot_schedule(schedule: Schedule, path: str | Path, title: str = '') -> None
         plt.close(figure)
         if os.path.exists(tmp):
             os.remove(tmp)
-
-
-@cli_entry
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog='python -m dbrx_train.data.curriculum',
-                                     description='Print (and plot) the curriculum a training YAML describes.')
-    parser.add_argument('yaml', help='the training YAML')
-    parser.add_argument('overrides', nargs='*', help='dotted.key=value overrides, as for training')
-    parser.add_argument('--png', help='also draw the proportions per step into this PNG')
-    args = parser.parse_args(argv)
-
-    from dbrx_train.training.config import TrainConfig
-    from dbrx_train.typed_config import load_yaml, parse
-
-    cfg = parse(TrainConfig, load_yaml(args.yaml, args.overrides))
-    if cfg.curriculum is None:
-        raise ConfigError('curriculum', f'{args.yaml} has no curriculum section (its mix is fixed)')
-    schedule = cfg.schedule
-    tokens = schedule.total_steps * schedule.global_batch_size * schedule.seq_len
-    print(f'{args.yaml}: {schedule.total_steps} steps of {schedule.global_batch_size} samples x {schedule.seq_len} '
-          f'tokens ({tokens:,} tokens); streams: {", ".join(schedule.streams)}')
-    print(schedule_table(schedule))
-    if args.png:
-        plot_schedule(schedule, args.png, title=f'{args.yaml} ({cfg.max_duration})')
-        print(f'wrote {args.png}')
-
-
-if __name__ == '__main__':
-    main()

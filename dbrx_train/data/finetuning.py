@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from dbrx_train.data.text_dataset import LoaderConfig, StreamConfig, check_local_data
+from dbrx_train.data.text_dataset import LoaderConfig, StreamConfig, check_local_data, resolve_max_seq_len
 from dbrx_train.errors import ConfigError
 from dbrx_train.model.dbrx import IGNORE_INDEX
 from dbrx_train.tokenizer import IM_END_ID, IM_START_ID, PAD_ID, get_encoding
@@ -170,8 +170,6 @@ class FinetuningDataset(Dataset):
     def __init__(self, config: FinetuningDatasetConfig, max_seq_len: int | None = None,
                  key: str = 'train_loader.dataset'):
         from streaming import Stream, StreamingDataset
-
-        from dbrx_train.data.text_dataset import resolve_max_seq_len
 
         self.config = config
         self.max_seq_len = resolve_max_seq_len(config, max_seq_len, key)

@@ -17,6 +17,7 @@ from typing import Any, Literal
 from dbrx_train.data import LoaderConfig
 from dbrx_train.errors import ConfigError
 from dbrx_train.model.config import ModelConfig
+from dbrx_train.training.composer_model import generation_options, icl_metrics
 from dbrx_train.typed_config import load_yaml, parse
 
 # Keys llm-foundry's builder reads itself; every other set key goes to the task type's dataset class.
@@ -54,9 +55,7 @@ class ICLTaskConfig:
     hf_parsing_map: dict[str, list[str]] | None = None
 
     def check(self) -> None:
-        from llmfoundry import registry
-
-        from dbrx_train.training.composer_model import generation_options, icl_metrics
+        from llmfoundry import registry  # seconds to import: only once there are ICL tasks
 
         task_types = registry.icl_datasets.get_all()
         if self.icl_task_type not in task_types:

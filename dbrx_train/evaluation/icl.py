@@ -12,6 +12,7 @@ from composer.core import Evaluator
 from composer.utils import dist
 
 from dbrx_train.evaluation.config import ICLTaskConfig
+from dbrx_train.training.composer_model import hf_tokenizer
 
 
 def build_icl_evaluators(tasks: Sequence[ICLTaskConfig], seq_len: int, batch_size: int,
@@ -20,8 +21,6 @@ def build_icl_evaluators(tasks: Sequence[ICLTaskConfig], seq_len: int, batch_siz
     `has_categories`), each naming the metrics it reports. Needs the process group initialised."""
     import datasets
     from llmfoundry.utils.builders import build_icl_evaluators as build
-
-    from dbrx_train.training.composer_model import hf_tokenizer
 
     datasets.disable_progress_bars()  # llm-foundry's dataset preparation, inside Composer's eval progress bars
     with _node_scratch_dir() as scratch:  # llm-foundry copies each task file there before reading it

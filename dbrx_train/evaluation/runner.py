@@ -5,19 +5,23 @@ from __future__ import annotations
 import dataclasses
 import warnings
 
+from composer import Trainer
 from composer.core import Evaluator
+from composer.loggers import InMemoryLogger
+from composer.utils import dist, reproducibility
 
-from dbrx_train.data import LoaderConfig
+from dbrx_train.checkpoints import load_pretrained, open_saved
+from dbrx_train.data import LoaderConfig, build_text_dataloader, check_local_data
 from dbrx_train.evaluation.config import EvalConfig
+from dbrx_train.evaluation.icl import build_icl_evaluators
+from dbrx_train.training.composer_model import LM_METRICS, ComposerDbrx
+from dbrx_train.training.trainer import build_from_registry, register_ours, resolve_device
 
 
 def stream_evaluators(loader: LoaderConfig, batch_size: int, seq_len: int, subset_num_batches: int = -1
                       ) -> list[Evaluator]:
     """Cross-entropy and perplexity of each stream on its own, labelled `eval/<stream>`
     (llm-foundry's label for several eval loaders); a loader without streams is `eval`."""
-    from dbrx_train.data import build_text_dataloader
-    from dbrx_train.training.composer_model import LM_METRICS
-
     dataset = loader.dataset
     parts = {f'eval/{name}': dataclasses.replace(loader, dataset=dataclasses.replace(dataset, streams={name: stream}))
              for name, stream in dataset.streams.items()} or {'eval': loader}
@@ -28,23 +32,12 @@ def stream_evaluators(loader: LoaderConfig, batch_size: int, seq_len: int, subse
 
 def evaluate(cfg: EvalConfig) -> dict[str, float]:
     """Every metric as logged (`metrics/<evaluator>/<metric>` -> value), also to `cfg.loggers`."""
-    from dbrx_train.saved_model import describe
-
-    _, model_config = describe(cfg.checkpoint)  # its format and config, before anything slow
+    model_config = open_saved(cfg.checkpoint).config  # its format and config, before anything slow
     cfg.check_model(model_config)
     if cfg.eval_loader is not None:
-        from dbrx_train.data import check_local_data
-
         check_local_data(cfg.eval_loader.dataset, 'eval_loader.dataset')
-    from composer import Trainer
-    from composer.loggers import InMemoryLogger
-    from composer.utils import dist, reproducibility
+    # llmfoundry on use, as everywhere here: its import warns on stderr and takes seconds.
     from llmfoundry.utils.builders import build_logger
-
-    from dbrx_train.evaluation.icl import build_icl_evaluators
-    from dbrx_train.pretrained import load_pretrained
-    from dbrx_train.training.composer_model import ComposerDbrx
-    from dbrx_train.training.trainer import build_from_registry, register_ours, resolve_device
 
     register_ours()
     device = resolve_device(cfg)

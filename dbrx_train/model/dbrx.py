@@ -7,7 +7,7 @@ Each block is
 
 with LayerNorms without bias, no biases anywhere, and an untied LM head. Parameter names follow
 llm-foundry/transformers (`Wqkv`, `out_proj`, `norm_1`, `norm_2`, `norm_f`, `w1`, `v1`, `w2`) so
-the converter in `dbrx_train.convert` is a renaming.
+the converter in `dbrx_train.checkpoints.hf` is a renaming.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dbrx_train.model.config import ModelConfig
+from dbrx_train.model.generation import generate
 from dbrx_train.model.loss import linear_cross_entropy, load_balancing_loss
 from dbrx_train.model.moe import Experts, build_experts
 
@@ -264,6 +265,4 @@ class DbrxLM(nn.Module):
 
     def generate(self, input_ids, **kwargs) -> torch.Tensor:
         """Prompt plus new tokens; see `dbrx_train.model.generation.generate` for the options."""
-        from dbrx_train.model.generation import generate
-
         return generate(self, input_ids, **kwargs)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from dbrx_train.model.config import ModelConfig
+from dbrx_train.model.moe import Experts
 
 
 @dataclass(frozen=True)
@@ -37,8 +38,6 @@ def parameter_counts(config: ModelConfig) -> ParameterCounts:
 
 def count_parameters(model: nn.Module) -> ParameterCounts:
     """The same counts from a built `DbrxLM` (any device, `meta` included)."""
-    from dbrx_train.model.moe import Experts
-
     total = sum(p.numel() for p in model.parameters())
     experts = sum(p.numel() for m in model.modules() if isinstance(m, Experts) for p in m.parameters())
     return ParameterCounts(total, _active(total, experts, model.config), model.wte.weight.numel(), experts)

@@ -56,6 +56,18 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | Non
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def adjust_logits(logits: torch.Tensor, bias: torch.Tensor | None = None, counts: torch.Tensor | None = None,
+                  presence_penalty: float = 0.0, frequency_penalty: float = 0.0) -> torch.Tensor:
+    """OpenAI's logit adjustments on logits `(vocab,)`: `bias` is added, and each token already
+    generated `counts[token]` times loses `counts * frequency_penalty + presence_penalty`."""
+    logits = logits.float()
+    if bias is not None:
+        logits = logits + bias
+    if counts is not None:
+        logits = logits - counts * frequency_penalty - (counts > 0).float() * presence_penalty
+    return logits
+
+
 @torch.no_grad()
 def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 32, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, stop_token_ids=DEFAULT_STOP_TOKENS,

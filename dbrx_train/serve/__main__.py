@@ -9,8 +9,14 @@ import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
+import torch
+import uvicorn
+
+from dbrx_train.checkpoints import load_pretrained
 from dbrx_train.errors import ConfigError, cli_entry
+from dbrx_train.serve.app import create_app
 from dbrx_train.serve.config import API_KEY_ENV, ServeConfig
+from dbrx_train.tokenizer import get_encoding
 from dbrx_train.typed_config import load_yaml, parse
 
 log = logging.getLogger('dbrx_train.serve')
@@ -39,10 +45,6 @@ def parse_args(argv: list[str] | None = None) -> ServeConfig:
 
 
 def load_model(config: ServeConfig):
-    import torch
-
-    from dbrx_train.pretrained import load_pretrained
-
     device = config.device
     if device == 'auto':
         device = 'cuda' if torch.cuda.is_available() else 'cpu'
@@ -51,11 +53,6 @@ def load_model(config: ServeConfig):
 
 @cli_entry
 def main(argv: list[str] | None = None) -> None:
-    import uvicorn
-
-    from dbrx_train.serve.app import create_app
-    from dbrx_train.tokenizer import get_encoding
-
     config = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format='%(levelname)s:     %(message)s')  # as uvicorn's lines
     if config.api_key is None and config.host not in ('127.0.0.1', 'localhost', '::1'):

@@ -1,10 +1,11 @@
 """The OpenAI-compatible HTTP API (FastAPI): request schemas, routes, errors.
 
 `create_app(model, tokenizer, config)` serves `/v1/completions`, `/v1/chat/completions`,
-`/v1/models` and `/health`, plus vLLM's `/tokenize`, `/detokenize` and `/tokenizer_info`, which
-lm-eval's `local-completions` uses as its tokenizer when they are there. Every error is OpenAI's
-JSON `{"error": {"message", "type", "param", "code"}}` with a 4xx status for bad input.
-"""
+`/v1/models` (and `/v1/models/{model}`) and `/health`, plus vLLM's `/tokenize`, `/detokenize` and
+`/tokenizer_info`, which lm-eval's `local-completions` uses as its tokenizer when they are there.
+Replies follow the official OpenAI OpenAPI spec (tests/serve/openai_openapi_2.3.0.yaml): every
+error, FastAPI's own included, is its `ErrorResponse` `{"error": {"message", "type", "param",
+"code"}}` (`code` one of OpenAI's strings, or null), with a 4xx status for bad input."""
 
 from __future__ import annotations
 
@@ -15,13 +16,13 @@ import secrets
 import time
 import uuid
 from pathlib import PurePath
-from typing import Any, AsyncIterator, Literal
+from typing import Annotated, Any, AsyncIterator, Iterator, Literal
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from starlette.background import BackgroundTask
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
@@ -36,13 +37,32 @@ DISCONNECT_POLL_S = 0.5
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, kind: str = 'invalid_request_error'):
+    """An error reply: `kind` is OpenAI's error `type`, `code` one of OpenAI's error codes or None."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, kind: str = 'invalid_request_error',
+                 code: str | None = None):
         super().__init__(message)
-        self.status, self.message, self.param, self.kind = status, message, param, kind
+        self.status, self.message, self.param, self.kind, self.code = status, message, param, kind, code
+
+    @classmethod
+    def invalid(cls, message: str, param: str) -> 'ApiError':
+        """A 400 for a bad value of request parameter `param`."""
+        return cls(400, message, param, code='invalid_value')
+
+    def body(self) -> dict:
+        return {'error': {'message': self.message, 'type': self.kind, 'param': self.param, 'code': self.code}}
+
+    def response(self, headers=None) -> JSONResponse:
+        return JSONResponse(self.body(), self.status, headers)
 
 
-def _error_response(status: int, message: str, param: str | None = None, kind: str = 'invalid_request_error'):
-    return JSONResponse({'error': {'message': message, 'type': kind, 'param': param, 'code': status}}, status)
+def _validation_code(error_type: str) -> str:
+    """OpenAI's error code for a pydantic error type."""
+    if error_type == 'missing':
+        return 'missing_required_parameter'
+    if error_type == 'extra_forbidden':
+        return 'unknown_parameter'
+    return 'invalid_type' if error_type.endswith('_type') else 'invalid_value'
 
 
 class BodyLimit:
@@ -78,6 +98,15 @@ class BodyLimit:
 class _Strict(BaseModel):
     model_config = ConfigDict(extra='forbid', strict=True)
 
+    @model_validator(mode='before')
+    @classmethod
+    def _null_is_default(cls, data):
+        """OpenAI's optional parameters are nullable, null meaning the default."""
+        if not isinstance(data, dict):
+            return data
+        optional = {name for name, field in cls.model_fields.items() if not field.is_required()}
+        return {key: value for key, value in data.items() if value is not None or key not in optional}
+
 
 class StreamOptions(_Strict):
     include_usage: bool = False
@@ -87,14 +116,25 @@ class _SamplingFields(_Strict):
     model: str | None = None
     max_tokens: int | None = Field(None, ge=0)
     temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
+    top_p: float = Field(1.0, ge=0, le=1)  # 0: only the likeliest token (greedy)
     top_k: int | None = None  # vLLM's extension; null or -1: off
     n: int = Field(1, ge=1)
     stop: str | list[str] | None = Field(None, validate_default=True)
-    seed: int | None = Field(None, ge=0, lt=2**63)
+    seed: int | None = Field(None, ge=-2**63, lt=2**63)
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None  # token id (a string) -> bias
+    user: str | None = None  # OpenAI's end-user id for abuse monitoring; nothing here uses it
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False  # vLLM's extension: generate exactly max_tokens (benchmarks)
+
+    @field_validator('logit_bias')
+    @classmethod
+    def _logit_bias(cls, value):
+        if value is not None and not all(key.isdigit() for key in value):
+            raise ValueError('keys must be token ids, such as "50256"')
+        return value
 
     @field_validator('top_k')
     @classmethod
@@ -111,11 +151,23 @@ class _SamplingFields(_Strict):
             raise ValueError('stop strings must not be empty')
         return tuple(stops)
 
+    def unsupported(self) -> Iterator[tuple[str, str]]:
+        """(param, why) for each spec parameter used beyond its no-op value, a feature this server lacks."""
+        yield from ()
+
 
 class CompletionRequest(_SamplingFields):
     prompt: Any
     logprobs: int | None = Field(None, ge=0)
     echo: bool = False
+    best_of: int | None = Field(None, ge=0, le=20)
+    suffix: str | None = None
+
+    def unsupported(self) -> Iterator[tuple[str, str]]:
+        if self.best_of is not None and self.best_of != self.n:
+            yield 'best_of', f'best_of other than n ({self.n}) is not supported: this server ranks no candidates'
+        if self.suffix:
+            yield 'suffix', 'suffix is not supported: this server does not insert text'
 
     @field_validator('prompt')
     @classmethod
@@ -123,6 +175,8 @@ class CompletionRequest(_SamplingFields):
         def token_ids(v):
             return isinstance(v, list) and bool(v) and all(isinstance(t, int) and not isinstance(t, bool) for t in v)
 
+        if value is None:  # the spec's default, <|endoftext|>: the start of a new document
+            return ['']
         if isinstance(value, str):
             return [value]
         if isinstance(value, list) and value:
@@ -140,12 +194,46 @@ class TextPart(_Strict):
     text: str
 
 
-class ChatMessage(_Strict):
-    role: Literal['system', 'user', 'assistant']
-    content: str | list[TextPart]
+class RefusalPart(_Strict):  # in an assistant's message: its earlier refusal, read as text
+    type: Literal['refusal']
+    refusal: str
 
-    def text(self) -> str:
-        return self.content if isinstance(self.content, str) else ''.join(p.text for p in self.content)
+
+class ChatMessage(_Strict):
+    role: Literal['system', 'developer', 'user', 'assistant']
+    content: str | list[TextPart | RefusalPart] | None = None  # null only in an assistant's message
+    name: str | None = None  # accepted; DBRX's ChatML template has no place for it
+    refusal: str | None = None  # an assistant's earlier refusal: its text when it has no content
+    # An earlier reply appended as it came back carries these, null (audio and annotations are newer
+    # API versions' fields, which the openai client sends too); tool calls and audio are unsupported.
+    tool_calls: list | None = None
+    function_call: dict | None = None
+    audio: dict | None = None
+    annotations: list | None = None  # a reply's citations: nothing for the prompt
+
+    @model_validator(mode='after')
+    def _content_required(self):
+        if self.content is None and self.role != 'assistant':
+            raise ValueError(f'a {self.role} message needs content')
+        return self
+
+    @field_validator('content', mode='before')
+    @classmethod
+    def _text_only(cls, value):
+        for part in value if isinstance(value, list) else []:
+            kind = part.get('type') if isinstance(part, dict) else None
+            if isinstance(kind, str) and kind not in ('text', 'refusal'):
+                raise ValueError(f'content parts of type {kind!r} are not supported: this model reads text only')
+        return value
+
+    def chatml(self) -> tuple[str, str]:
+        """(role, text) for the ChatML prompt; OpenAI's `developer` messages are system messages."""
+        if self.content is None:
+            text = self.refusal or ''
+        else:
+            text = self.content if isinstance(self.content, str) else ''.join(
+                p.text if isinstance(p, TextPart) else p.refusal for p in self.content)
+        return ('system' if self.role == 'developer' else self.role), text
 
 
 class ChatRequest(_SamplingFields):
@@ -153,6 +241,30 @@ class ChatRequest(_SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0)
+    service_tier: str | None = None  # one tier here
+    # Features this server lacks, accepted at their no-op values.
+    response_format: dict | None = None
+    tools: list | None = None
+    tool_choice: str | dict | None = None
+    parallel_tool_calls: bool | None = None
+    functions: list | None = None
+    function_call: str | dict | None = None
+
+    def unsupported(self) -> Iterator[tuple[str, str]]:
+        tools = 'tool calls are not supported: this server generates text only'
+        for param in ('tools', 'functions'):
+            if getattr(self, param):
+                yield param, tools
+        for param in ('tool_choice', 'function_call'):
+            if getattr(self, param) not in (None, 'none', 'auto'):
+                yield param, tools
+        if (self.response_format or {}).get('type', 'text') != 'text':
+            yield 'response_format', "response formats but {'type': 'text'} are not supported: the output is free text"
+        for i, message in enumerate(self.messages):
+            if message.tool_calls or message.function_call:
+                yield f'messages.{i}.tool_calls', tools
+            if message.audio:
+                yield f'messages.{i}.audio', 'audio is not supported: this model reads text only'
 
 
 class TokenizeRequest(_Strict):
@@ -194,41 +306,46 @@ def create_app(model, tokenizer, config: ServeConfig = ServeConfig()) -> FastAPI
             return
         if credentials is None or not secrets.compare_digest(credentials.credentials.encode(), config.api_key.encode()):
             raise ApiError(401, 'missing or wrong API key (send Authorization: Bearer <key>)',
-                           kind='authentication_error')
+                           kind='authentication_error', code='invalid_api_key')
 
     @app.exception_handler(ApiError)
     async def api_error(request, e: ApiError):
-        return _error_response(e.status, e.message, e.param, e.kind)
+        return e.response()
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request, e: RequestValidationError):
         first = e.errors()[0]
         if first['type'] == 'json_invalid':
-            return _error_response(400, f"request body is not valid JSON: {first.get('ctx', {}).get('error', '')}")
+            return ApiError(400, f"request body is not valid JSON: {first.get('ctx', {}).get('error', '')}").response()
         where = '.'.join(str(part) for part in first['loc'][1:])
         if not where:
-            return _error_response(400, 'the request body must be a JSON object (Content-Type: application/json)')
+            return ApiError(400, 'the request body must be a JSON object (Content-Type: application/json)',
+                            code='invalid_type').response()
         message = 'unknown field' if first['type'] == 'extra_forbidden' else first['msg'].removeprefix('Value error, ')
-        return _error_response(400, f'{where}: {message}', where)
+        return ApiError(400, f'{where}: {message}', where, code=_validation_code(first['type'])).response()
 
     @app.exception_handler(HTTPException)
-    async def http_error(request, e: HTTPException):
-        return _error_response(e.status_code, str(e.detail))
+    async def http_error(request, e: HTTPException):  # Starlette's own: 404 and 405 routes, 413
+        return ApiError(e.status_code, str(e.detail)).response(e.headers)
 
     @app.exception_handler(Exception)
     async def server_error(request, e: Exception):
-        return _error_response(500, f'internal error: {type(e).__name__}: {e}', kind='server_error')
+        return ApiError(500, f'internal error: {type(e).__name__}: {e}', kind='server_error').response()
 
     @app.get('/health')
     async def health():
         if not engine.alive:
-            return _error_response(503, 'the generation engine is not running', kind='server_error')
+            return ApiError(503, 'the generation engine is not running', kind='server_error').response()
         return {'status': 'ok', **engine.status()}
 
     @app.get('/v1/models', dependencies=[Depends(authorized)])
     async def models():
-        return {'object': 'list', 'data': [{'id': api.name, 'object': 'model', 'created': api.created,
-                                            'owned_by': 'dbrx_train', 'max_model_len': api.context}]}
+        return {'object': 'list', 'data': [api.model_card()]}
+
+    @app.get('/v1/models/{name:path}', dependencies=[Depends(authorized)])
+    async def model(name: str):
+        api.check_model(name)
+        return api.model_card()
 
     @app.post('/v1/completions', dependencies=[Depends(authorized)])
     async def completions(body: CompletionRequest, request: Request):
@@ -268,22 +385,26 @@ class _Api:
         self.created = int(time.time())
         self.in_flight = 0
 
+    def model_card(self) -> dict:
+        return {'id': self.name, 'object': 'model', 'created': self.created, 'owned_by': 'dbrx_train',
+                'max_model_len': self.context}
+
     def check_model(self, name: str | None) -> None:
         if name is not None and name != self.name:
             raise ApiError(404, f'model {name!r} does not exist; this server serves {self.name!r}', 'model',
-                           'not_found_error')
+                           code='model_not_found')
 
     def check_token_ids(self, ids: list[int], param: str) -> None:
         bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
         if bad is not None:
-            raise ApiError(400, f'token id {bad} is outside the vocabulary (0..{self.vocab_size - 1})', param)
+            raise ApiError.invalid(f'token id {bad} is outside the vocabulary (0..{self.vocab_size - 1})', param)
 
     # /v1/completions
 
     async def completions(self, body: CompletionRequest, request: Request):
         self._check_common(body)
         if body.max_tokens == 0 and not body.echo:
-            raise ApiError(400, 'max_tokens must be at least 1 (0 only scores the prompt, with echo)', 'max_tokens')
+            raise ApiError.invalid('max_tokens must be at least 1 (0 only scores the prompt, with echo)', 'max_tokens')
         self._check_logprobs(body.logprobs, 'logprobs')
         prompts = []  # (text, ids)
         for item in body.prompt:
@@ -334,13 +455,13 @@ class _Api:
     async def chat(self, body: ChatRequest, request: Request):
         self._check_common(body)
         if body.max_tokens is not None and body.max_completion_tokens is not None:
-            raise ApiError(400, 'give max_tokens or max_completion_tokens, not both', 'max_tokens')
+            raise ApiError.invalid('give max_tokens or max_completion_tokens, not both', 'max_tokens')
         if body.max_tokens == 0:
-            raise ApiError(400, 'max_tokens must be at least 1', 'max_tokens')
+            raise ApiError.invalid('max_tokens must be at least 1', 'max_tokens')
         if body.top_logprobs is not None and not body.logprobs:
-            raise ApiError(400, 'top_logprobs needs logprobs: true', 'top_logprobs')
+            raise ApiError.invalid('top_logprobs needs logprobs: true', 'top_logprobs')
         self._check_logprobs(body.top_logprobs, 'top_logprobs')
-        ids = chatml_prompt(self.codec, [(m.role, m.text()) for m in body.messages])
+        ids = chatml_prompt(self.codec, [m.chatml() for m in body.messages])
         # Without a limit an answer may run to the end of the context, as with OpenAI.
         limit = body.max_tokens if body.max_tokens is not None else body.max_completion_tokens
         params = self._params(body, ids, limit, (IM_END_ID, EOS_ID), logprobs=(body.top_logprobs or 0)
@@ -349,12 +470,14 @@ class _Api:
         reply = _Reply('chatcmpl', 'chat.completion', self.name, len(ids))
 
         def choice(out: Output, first: bool) -> dict:
-            logprobs = {'content': [self._chat_logprob(e) for e in out.logprobs]} if body.logprobs else None
+            logprobs = None
+            if body.logprobs:
+                logprobs = {'content': [self._chat_logprob(e) for e in out.logprobs], 'refusal': None}
             if body.stream:
                 delta = {'role': 'assistant', 'content': out.text} if first else {'content': out.text}
                 return {'index': out.index, 'delta': delta, 'logprobs': logprobs, 'finish_reason': out.finish_reason}
-            return {'index': out.index, 'message': {'role': 'assistant', 'content': out.text}, 'logprobs': logprobs,
-                    'finish_reason': out.finish_reason}
+            return {'index': out.index, 'message': {'role': 'assistant', 'content': out.text, 'refusal': None},
+                    'logprobs': logprobs, 'finish_reason': out.finish_reason}
 
         return await self._respond(request, body, seqs, reply, choice, _merge_chat_choice)
 
@@ -369,29 +492,39 @@ class _Api:
 
     def _check_common(self, body: _SamplingFields) -> None:
         self.check_model(body.model)
+        unsupported = next(body.unsupported(), None)
+        if unsupported is not None:
+            param, why = unsupported
+            raise ApiError.invalid(why, param)
+        if body.logit_bias:
+            self.check_token_ids([int(token) for token in body.logit_bias], 'logit_bias')
         if body.n > self.config.max_n:
-            raise ApiError(400, f'n is at most {self.config.max_n}, got {body.n}', 'n')
+            raise ApiError.invalid(f'n is at most {self.config.max_n}, got {body.n}', 'n')
         if len(body.stop) > self.config.max_stop_strings:
-            raise ApiError(400, f'at most {self.config.max_stop_strings} stop strings, got {len(body.stop)}', 'stop')
+            raise ApiError.invalid(f'at most {self.config.max_stop_strings} stop strings, got {len(body.stop)}', 'stop')
 
     def _check_logprobs(self, value: int | None, param: str) -> None:
         if value is not None and value > self.config.max_logprobs:
-            raise ApiError(400, f'{param} is at most {self.config.max_logprobs}, got {value}', param)
+            raise ApiError.invalid(f'{param} is at most {self.config.max_logprobs}, got {value}', param)
 
     def _params(self, body: _SamplingFields, ids: list[int], max_tokens: int | None, stops: tuple[int, ...],
                 logprobs: int | None, prompt_logprobs: bool = False,
                 default_max_tokens: int | None = None) -> SamplingParams:
         room = self.context - len(ids)
         if room <= 0:
-            raise ApiError(400, f'the prompt is {len(ids)} tokens; the context holds {self.context}', 'prompt')
+            raise ApiError(400, f'the prompt is {len(ids)} tokens; the context holds {self.context}', 'prompt',
+                           code='context_length_exceeded')
         if max_tokens is None:
             max_tokens = min(room, default_max_tokens or self.config.default_max_tokens)
         elif max_tokens > room:
             raise ApiError(400, f'the prompt ({len(ids)} tokens) plus max_tokens ({max_tokens}) exceeds the '
-                                f'context ({self.context} tokens)', 'max_tokens')
-        return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
-                              seed=body.seed, stop=body.stop, stop_token_ids=() if body.ignore_eos else stops,
-                              logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+                                f'context ({self.context} tokens)', 'max_tokens', code='context_length_exceeded')
+        return SamplingParams(max_tokens=max_tokens, temperature=0.0 if body.top_p == 0 else body.temperature,
+                              top_p=body.top_p, top_k=body.top_k, seed=body.seed, stop=body.stop,
+                              stop_token_ids=() if body.ignore_eos else stops, logprobs=logprobs,
+                              prompt_logprobs=prompt_logprobs,
+                              logit_bias=tuple((int(t), b) for t, b in (body.logit_bias or {}).items()),
+                              presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty)
 
     async def _respond(self, request: Request, body: _SamplingFields, seqs, reply: _Reply, choice, merge):
         """Runs the sequences; the reply is one JSON body, or server-sent events when streaming."""
@@ -418,7 +551,7 @@ class _Api:
                 if include_usage:
                     yield _sse(reply.chunk([], usage=True))
             except ApiError as e:  # the status line went out already: say it in the stream
-                yield _sse({'error': {'message': e.message, 'type': e.kind, 'param': e.param, 'code': e.status}})
+                yield _sse(e.body())
             finally:
                 await outputs.aclose()
                 slot()
@@ -432,7 +565,7 @@ class _Api:
         """Counts a request in flight, or refuses it (429); returns the (idempotent) release."""
         if self.in_flight >= self.config.max_concurrent_requests:
             raise ApiError(429, f'the server is busy ({self.config.max_concurrent_requests} requests in flight); '
-                                'retry later', kind='rate_limit_error')
+                                'retry later', kind='rate_limit_error', code='rate_limit_exceeded')
         self.in_flight += 1
         held = True
 

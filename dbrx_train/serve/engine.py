@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from dbrx_train.model.generation import KVCache, sample_next
+from dbrx_train.model.generation import KVCache, adjust_logits, sample_next
 from dbrx_train.serve.text import TextCodec, TextStream
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,9 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     logprobs: int | None = None  # None: no logprobs; k: each token's logprob and the k likeliest
     prompt_logprobs: bool = False  # also score the prompt's own tokens (OpenAI's echo)
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token, bias) pairs added to the logits before choosing
+    presence_penalty: float = 0.0  # OpenAI's penalties on tokens already generated
+    frequency_penalty: float = 0.0
 
 
 @dataclass
@@ -75,6 +78,8 @@ class _Sequence:
     generated: int = 0
     last_token: int = -1
     finished: bool = False
+    bias: torch.Tensor | None = None  # (vocab,) logit_bias, when given
+    counts: torch.Tensor | None = None  # (vocab,) times each token was generated, when penalized
 
 
 class Engine:
@@ -123,10 +128,23 @@ class Engine:
                 generator.seed()
             else:
                 generator.manual_seed(params.seed + index)
+        bias, counts = self._logit_adjustments(params)
         seq = _Sequence(next(self._ids), index, list(prompt), params, sink, TextStream(self.codec, params.stop),
-                        generator)
+                        generator, bias=bias, counts=counts)
         self._inbox.put(seq)
         return seq.id
+
+    def _logit_adjustments(self, params: SamplingParams):
+        """The sequence's dense logit bias and token counts, each only when it needs one."""
+        vocab = self.model.lm_head.weight.shape[0]
+        bias = counts = None
+        if params.logit_bias:
+            tokens, values = zip(*params.logit_bias)
+            bias = torch.zeros(vocab, device=self.device)
+            bias[list(tokens)] = torch.tensor(values, device=self.device)
+        if params.presence_penalty or params.frequency_penalty:
+            counts = torch.zeros(vocab, device=self.device)
+        return bias, counts
 
     def cancel(self, ids) -> None:
         """Drops sequences (a client went away); unknown or finished ids are ignored."""
@@ -228,6 +246,8 @@ class Engine:
             token = tokens[row]
             s.generated += 1
             s.last_token = token
+            if s.counts is not None:
+                s.counts[token] += 1
             if token in s.params.stop_token_ids:
                 reason = 'stop'
             elif s.stream.push(token):
@@ -244,6 +264,7 @@ class Engine:
                           prompt_scores[row] if prompt_scores else None, reason))
 
     def _choose(self, seqs: list[_Sequence], logits: torch.Tensor) -> list[int]:
+        logits = self._adjusted(seqs, logits)
         chosen = torch.empty(len(seqs), dtype=torch.long, device=logits.device)
         greedy = [row for row, s in enumerate(seqs) if s.params.temperature <= 0]
         if greedy:
@@ -253,6 +274,20 @@ class Engine:
                 p = s.params
                 chosen[row] = sample_next(logits[row : row + 1], p.temperature, p.top_k, p.top_p, s.generator)[0]
         return chosen.tolist()
+
+    @staticmethod
+    def _adjusted(seqs: list[_Sequence], logits: torch.Tensor) -> torch.Tensor:
+        """The logits tokens are chosen from: each sequence's logit_bias and penalties applied (the
+        logprobs reported stay the model's own)."""
+        rows = [row for row, s in enumerate(seqs) if s.bias is not None or s.counts is not None]
+        if not rows:
+            return logits
+        adjusted = logits.float().clone()
+        for row in rows:
+            p = seqs[row].params
+            adjusted[row] = adjust_logits(logits[row], seqs[row].bias, seqs[row].counts, p.presence_penalty,
+                                          p.frequency_penalty)
+        return adjusted
 
     @staticmethod
     def _logprobs(logits: torch.Tensor, tokens: list[int], top: int) -> list[TokenLogprob]:

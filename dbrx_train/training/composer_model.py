@@ -16,6 +16,7 @@ from dbrx_train.model.config import ModelConfig
 from dbrx_train.model.dbrx import IGNORE_INDEX, DbrxLM
 from dbrx_train.model.flops import train_flops_per_token
 from dbrx_train.model.generation import DEFAULT_STOP_TOKENS
+from dbrx_train.tokenizer import build_hf_tokenizer
 
 LM_METRICS = ('LanguageCrossEntropy', 'LanguagePerplexity')  # what a held-out text evaluator reports
 # llm-foundry's in-context-learning metrics, by registry name (evaluators name them by class name).
@@ -146,6 +147,4 @@ def cut_at_stop_sequences(text: str, stop_sequences) -> str:
 
 @functools.lru_cache(maxsize=1)
 def hf_tokenizer():
-    from dbrx_train.tokenizer import build_hf_tokenizer
-
     return build_hf_tokenizer()

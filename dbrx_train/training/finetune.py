@@ -20,9 +20,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as torch_dist
+import torch.distributed.checkpoint as dcp
+from safetensors import safe_open
 from torch import nn
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+from tqdm import tqdm
 
-from dbrx_train.checkpoint import StoredTensor
+from dbrx_train.checkpoints.composer import MODEL_PREFIX, resolve, stored_model_tensors
+from dbrx_train.checkpoints.formats import COMPOSER, open_saved
+from dbrx_train.checkpoints.storage import StoredTensor
 from dbrx_train.errors import CheckpointError, ConfigError
 from dbrx_train.model.config import ModelConfig
 from dbrx_train.model.dbrx import DbrxLM
@@ -120,31 +127,23 @@ def start_from_pretrained(trainer, init_from: str | None, lora: LoraConfig | Non
 def check_init_from(init_from: str | None, config: ModelConfig) -> None:
     """Fails fast, before a model is built, when `init_from` is missing or of another architecture."""
     if init_from is not None:
-        from dbrx_train.saved_model import describe
-
-        check_compatible(config, describe(init_from)[1], init_from)
+        check_compatible(config, open_saved(init_from).config, init_from)
 
 
 def load_initial_weights(model: DbrxLM, source: str | Path) -> None:
     """Fills every base parameter of `model` (plain, LoRA-adapted, FSDP-sharded) from `source`."""
-    from dbrx_train.saved_model import COMPOSER, describe, safetensors_index
-
-    source = Path(source)
-    kind, source_config = describe(source)
-    check_compatible(model.config, source_config, source)
+    saved = open_saved(source)
+    check_compatible(model.config, saved.config, saved.path)
     targets = base_parameters(model)
-    if kind == COMPOSER:
-        _load_composer(targets, source)
+    if saved.format is COMPOSER:
+        _load_composer(targets, saved.path)
     else:
-        _load_slices(targets, safetensors_index(source, kind, source_config))
-    log.info('loaded %d tensors from %s (%s)', len(targets), source, kind)
+        _load_slices(targets, saved.index())
+    log.info('loaded %d tensors from %s (%s)', len(targets), saved.path, saved.format.name)
 
 
 def _load_slices(targets: dict[str, nn.Parameter], index: dict[str, StoredTensor]) -> None:
     """Each rank reads, file by file, only the part of each tensor that it holds."""
-    from safetensors import safe_open
-    from tqdm import tqdm
-
     by_file: dict[Path, list[str]] = {}
     for name, stored in index.items():
         by_file.setdefault(stored.file, []).append(name)
@@ -158,8 +157,6 @@ def _load_slices(targets: dict[str, nn.Parameter], index: dict[str, StoredTensor
 
 
 def _load_composer(targets: dict[str, nn.Parameter], source: Path) -> None:
-    from dbrx_train.composer_checkpoint import MODEL_PREFIX, resolve, stored_model_tensors
-
     checkpoint = resolve(source)
     shapes, read = stored_model_tensors(checkpoint)
     for name, param in targets.items():  # a run's adapters and extras may be there too: not checked
@@ -169,9 +166,6 @@ def _load_composer(targets: dict[str, nn.Parameter], source: Path) -> None:
             raise CheckpointError(f'{checkpoint}: tensor {name} has shape {shapes[name]}, the config needs '
                                   f'{tuple(param.shape)}')
     if checkpoint.is_dir():
-        import torch.distributed as torch_dist
-        import torch.distributed.checkpoint as dcp
-
         # DCP reads into each rank's shard of every target, in place.
         dcp.load({MODEL_PREFIX + name: param for name, param in targets.items()}, checkpoint_id=str(checkpoint),
                  no_dist=not torch_dist.is_initialized())
@@ -190,8 +184,6 @@ def _local(param: torch.Tensor) -> torch.Tensor:
 def _local_region(param: torch.Tensor) -> tuple[slice, ...]:
     """Where this rank's part of `param` lies in the full tensor."""
     if hasattr(param, 'device_mesh'):
-        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
         shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
     else:
         shape, offset = param.shape, (0,) * param.dim()

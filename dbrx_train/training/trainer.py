@@ -18,7 +18,7 @@ from composer.core import DataSpec, Evaluator
 from composer.utils import dist, reproducibility
 from composer.utils.parallelism import FSDP2Config
 
-from dbrx_train.checkpoint import CONFIG_FILE, read_config, write_config
+from dbrx_train.checkpoints.native import CONFIG_FILE, read_config, write_config
 from dbrx_train.data import build_text_dataloader
 from dbrx_train.data.finetuning import build_finetuning_dataloader
 from dbrx_train.data.mixture import build_mixture_dataloader
@@ -32,6 +32,7 @@ from dbrx_train.training.expert_parallel import check_moe_world_size, expert_par
 from dbrx_train.training.finetune import check_init_from, prepare_model, start_from_pretrained
 from dbrx_train.training.gradient_average import fix_gradient_average
 from dbrx_train.training.hardware import matmul_peak_flops
+from dbrx_train.training.preemption import SaveOnSignal
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +43,6 @@ DATALOADERS = {'text': build_text_dataloader, 'finetuning': build_finetuning_dat
 
 def register_ours() -> None:
     from llmfoundry import registry
-
-    from dbrx_train.training.preemption import SaveOnSignal
 
     for name, cls in {**OUR_CALLBACKS, 'save_on_signal': SaveOnSignal}.items():
         if name not in registry.callbacks:

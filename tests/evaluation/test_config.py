@@ -64,7 +64,7 @@ def test_an_eval_yaml_needs_something_to_evaluate_and_a_checkpoint_that_exists(t
 
 
 def test_lengths_beyond_the_models_positions_are_refused_before_its_weights_are_read(tmp_path, capsys):
-    from dbrx_train.checkpoint import save_checkpoint
+    from dbrx_train.checkpoints import save_checkpoint
     from dbrx_train.tokenizer import VOCAB_SIZE
     from tests.model.conftest import tiny_dbrx
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from dataclasses import dataclass
 
 import pytest
@@ -29,6 +31,28 @@ TINY = ModelConfig(
 )
 
 
+class ControlledModel:
+    """A model the tests steer: it counts its forward passes (`passes`), each `delay` seconds slower,
+    says when one starts (`entered`), waits while `hold` is clear and raises while `fail` is set."""
+
+    def __init__(self, model, delay: float = 0.0):
+        self.model, self.delay, self.passes, self.fail = model, delay, 0, False
+        self.entered, self.hold = threading.Event(), threading.Event()
+        self.hold.set()
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def hidden_states(self, *args, **kwargs):
+        self.passes += 1
+        self.entered.set()
+        assert self.hold.wait(timeout=60)
+        if self.fail:
+            raise RuntimeError('the model broke')
+        time.sleep(self.delay)
+        return self.model.hidden_states(*args, **kwargs)
+
+
 @pytest.fixture(scope='session')
 def tiny_model() -> DbrxLM:
     torch.manual_seed(0)
@@ -43,6 +67,9 @@ def encoding():
 @pytest.fixture(scope='session')
 def codec(encoding) -> TextCodec:
     return TextCodec(encoding)
+
+
+KEY = 'test-key'  # the `strict` server's API key
 
 
 @dataclass
@@ -61,6 +88,16 @@ def server(tiny_model, encoding) -> Served:
     app = create_app(tiny_model, encoding, ServeConfig(model_name='tiny', max_batch_size=4))
     with serve_in_background(app) as url:
         yield Served(url, app)
+
+
+@pytest.fixture(scope='session')
+def strict(tiny_model, encoding):
+    """A server with an API key, one request in flight at most and a 2000-byte body limit, whose
+    model the tests steer; yields its URL and the `ControlledModel`."""
+    model = ControlledModel(tiny_model, delay=0.02)  # requests stay in flight
+    config = ServeConfig(model_name='tiny', api_key=KEY, max_concurrent_requests=1, max_request_bytes=2000)
+    with serve_in_background(create_app(model, encoding, config)) as url:
+        yield url, model
 
 
 @pytest.fixture(scope='session')

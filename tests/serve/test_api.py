@@ -10,13 +10,11 @@ import pytest
 import requests
 import torch
 
-from dbrx_train.serve import ServeConfig, create_app
+from dbrx_train.serve import create_app
 from dbrx_train.serve.background import serve_in_background
 from dbrx_train.serve.text import chatml_prompt
 from dbrx_train.tokenizer import EOS_ID, IM_END_ID, STOP_TOKEN_IDS
-
-KEY = 'test-key'
-
+from tests.serve.conftest import KEY
 
 def client(url: str, key: str = 'unused') -> openai.OpenAI:
     return openai.OpenAI(base_url=url + '/v1', api_key=key, max_retries=0, timeout=60)
@@ -217,30 +215,7 @@ def test_server_serves_after_bad_requests(server):
     assert client(server.url).completions.create(model='tiny', prompt='still here', max_tokens=2).choices
 
 
-# Limits and authentication, on a server whose model is slowed down so requests stay in flight.
-
-
-class SlowModel:
-    """The tiny model, 20 ms slower per forward pass, counting its passes."""
-
-    def __init__(self, model):
-        self.model, self.passes = model, 0
-
-    def __getattr__(self, name):
-        return getattr(self.model, name)
-
-    def hidden_states(self, *args, **kwargs):
-        self.passes += 1
-        time.sleep(0.02)
-        return self.model.hidden_states(*args, **kwargs)
-
-
-@pytest.fixture(scope='module')
-def strict(tiny_model, encoding):
-    slow = SlowModel(tiny_model)
-    config = ServeConfig(model_name='tiny', api_key=KEY, max_concurrent_requests=1, max_request_bytes=2000)
-    with serve_in_background(create_app(slow, encoding, config)) as url:
-        yield url, slow
+# Limits and authentication, on the `strict` server (conftest).
 
 
 def test_api_key_is_required_when_set(strict):

@@ -12,7 +12,7 @@ import openai
 import pytest
 import requests
 
-from dbrx_train.checkpoint import save_checkpoint
+from dbrx_train.checkpoints import save_checkpoint
 from dbrx_train.serve.__main__ import main, parse_args
 from dbrx_train.serve.config import API_KEY_ENV, ServeConfig
 from dbrx_train.tokenizer import STOP_TOKEN_IDS

@@ -77,10 +77,10 @@ def greedy_answer(model, prompt_ids: list[int], **generate_kwargs) -> list[int]:
 
 def test_full_finetune_from_a_converted_transformers_model_reproduces_the_answer_after_export(hf_base, chats,
                                                                                              tmp_path):
-    from dbrx_train.convert import convert_from_hf
+    from dbrx_train.checkpoints.hf import convert_from_hf
     from dbrx_train.data.finetuning import render_chat
-    from dbrx_train.export import export
-    from dbrx_train.pretrained import load_pretrained
+    from dbrx_train.checkpoints.export import export
+    from dbrx_train.checkpoints import load_pretrained
     from dbrx_train.tokenizer import IM_END_ID, IM_START_ID, get_encoding
 
     ours = convert_from_hf(hf_base, tmp_path / 'ours')
@@ -115,9 +115,9 @@ def test_lora_on_two_fsdp_ranks_starts_from_the_transformers_dir_and_export_merg
     import torch.distributed.checkpoint as dcp
     from safetensors.torch import load_file
 
-    from dbrx_train.composer_checkpoint import MODEL_PREFIX, resolve
-    from dbrx_train.convert import hf_names, load_hf
-    from dbrx_train.export import export
+    from dbrx_train.checkpoints.composer import MODEL_PREFIX, resolve
+    from dbrx_train.checkpoints.hf import hf_names, load_hf
+    from dbrx_train.checkpoints.export import export
     from dbrx_train.model.lora import LoraConfig, apply_lora
 
     lora = LoraConfig(r=4, alpha=8, targets=['Wqkv', 'w1', 'v1', 'w2'], layers=[1])
@@ -182,7 +182,7 @@ def test_loader_and_finetuning_keys_are_checked_at_the_edge():
 
 
 def test_init_from_fills_plain_and_adapted_models_and_refuses_another_architecture(hf_base):
-    from dbrx_train.convert import load_hf
+    from dbrx_train.checkpoints.hf import load_hf
     from dbrx_train.model.config import ModelConfig
     from dbrx_train.model.dbrx import DbrxLM
     from dbrx_train.model.lora import LoraConfig, apply_lora, base_parameters
@@ -209,7 +209,7 @@ def test_init_from_fills_plain_and_adapted_models_and_refuses_another_architectu
 
 def test_a_resumed_run_keeps_its_weights_instead_of_init_from(hf_base):
     from dbrx_train.model.dbrx import DbrxLM
-    from dbrx_train.convert import model_config_from_hf
+    from dbrx_train.checkpoints.hf import model_config_from_hf
     from dbrx_train.training.finetune import start_from_pretrained
 
     model = DbrxLM(model_config_from_hf(hf_base))
@@ -224,7 +224,7 @@ def test_a_resumed_run_keeps_its_weights_instead_of_init_from(hf_base):
 
 
 def test_freezing_by_name_and_shortcut(hf_base):
-    from dbrx_train.convert import model_config_from_hf
+    from dbrx_train.checkpoints.hf import model_config_from_hf
     from dbrx_train.model.dbrx import DbrxLM
     from dbrx_train.training.finetune import FreezeConfig, apply_freeze
 

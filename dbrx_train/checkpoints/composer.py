@@ -12,9 +12,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.distributed.checkpoint as dcp
 
-from dbrx_train.checkpoint import CONFIG_FILE, read_config
+from dbrx_train.checkpoints.native import CONFIG_FILE, read_config
 from dbrx_train.errors import CheckpointError
+from dbrx_train.model.config import ModelConfig
 from dbrx_train.model.dbrx import DbrxLM
 
 MODEL_PREFIX = 'state.model.model.'  # where Composer puts ComposerDbrx.model's tensors
@@ -36,12 +38,18 @@ def resolve(path: str | Path) -> Path:
     return path
 
 
-def load_composer_checkpoint(path: str | Path, device='cpu', dtype: torch.dtype | None = None) -> DbrxLM:
+def read_model_config(path: str | Path) -> ModelConfig:
+    """The model config that train.py writes into save_folder, beside the checkpoints."""
     checkpoint = resolve(path)
     if not (checkpoint.parent / CONFIG_FILE).is_file():
         raise CheckpointError(f'{checkpoint.parent / CONFIG_FILE} is missing: the model config that train.py '
                               'writes into save_folder')
-    config = read_config(checkpoint.parent)
+    return read_config(checkpoint.parent)
+
+
+def load_composer_checkpoint(path: str | Path, device='cpu', dtype: torch.dtype | None = None) -> DbrxLM:
+    checkpoint = resolve(path)
+    config = read_model_config(checkpoint)
     model = DbrxLM(config, device='meta').to_empty(device='cpu')
     shapes, read = stored_model_tensors(checkpoint)
     check_stored_shapes(checkpoint, shapes, {name: tuple(t.shape) for name, t in model.state_dict().items()})
@@ -57,8 +65,6 @@ def stored_model_tensors(checkpoint: Path) -> tuple[dict[str, tuple[int, ...]], 
         state = torch.load(checkpoint, map_location='cpu', weights_only=False)  # Composer pickles its state
         weights = {k.removeprefix('model.'): v for k, v in state['state']['model'].items()}
         return {name: tuple(t.shape) for name, t in weights.items()}, weights.__getitem__
-
-    import torch.distributed.checkpoint as dcp
 
     stored = dcp.FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
 

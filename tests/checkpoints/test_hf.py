@@ -10,21 +10,21 @@ import torch
 
 transformers = pytest.importorskip('transformers')
 
-from dbrx_train import checkpoint as ckpt  # noqa: E402
-from dbrx_train.convert import (  # noqa: E402
+from dbrx_train.checkpoints import load_pretrained  # noqa: E402
+from dbrx_train.checkpoints.hf import (  # noqa: E402
     convert_from_hf,
     convert_to_hf,
     hf_config,
     hf_names,
-    main,
     model_config_from_hf,
 )
+from dbrx_train.checkpoints.storage import weight_files  # noqa: E402
+from dbrx_train.convert import main  # noqa: E402
 from dbrx_train.errors import CheckpointError  # noqa: E402
 from dbrx_train.model.config import AttentionConfig, FFNConfig, ModelConfig  # noqa: E402
 from dbrx_train.model.dbrx import DbrxLM  # noqa: E402
-from dbrx_train.pretrained import load_pretrained  # noqa: E402
 
-REPO = Path(__file__).parents[1]
+REPO = Path(__file__).parents[2]
 
 
 def save_random_hf(directory, vocab_size=128, max_shard_size='5GB', **config_changes):
@@ -89,9 +89,9 @@ def test_sharded_hf_checkpoint_converts(tmp_path):
     original = save_random_hf(tmp_path / 'hf', max_shard_size='20KB')
     assert len(list((tmp_path / 'hf').glob('model-*.safetensors'))) > 2
     main(['from-hf', str(tmp_path / 'hf'), str(tmp_path / 'ours'), '--max-shard-size', '30KB'])
-    assert len(ckpt.weight_files(tmp_path / 'ours')) > 2
+    assert len(weight_files(tmp_path / 'ours')) > 2
     main(['to-hf', str(tmp_path / 'ours'), str(tmp_path / 'back')])
-    assert ckpt.weight_files(tmp_path / 'back') == [tmp_path / 'back' / 'model.safetensors']
+    assert weight_files(tmp_path / 'back') == [tmp_path / 'back' / 'model.safetensors']
     ids = torch.randint(0, 128, (2, 12))
     back = transformers.DbrxForCausalLM.from_pretrained(tmp_path / 'back').eval()
     with torch.no_grad():

@@ -7,9 +7,10 @@ import torch
 
 transformers = pytest.importorskip('transformers')
 
-from dbrx_train.checkpoint import save_checkpoint  # noqa: E402
+from dbrx_train.checkpoints import save_checkpoint  # noqa: E402
 from dbrx_train.data.finetuning import render_chat  # noqa: E402
-from dbrx_train.export import main, save_tokenizer  # noqa: E402
+from dbrx_train.checkpoints.export import save_tokenizer  # noqa: E402
+from dbrx_train.export import main  # noqa: E402
 from dbrx_train.model.config import AttentionConfig, FFNConfig, ModelConfig  # noqa: E402
 from dbrx_train.model.dbrx import DbrxLM  # noqa: E402
 from dbrx_train.tokenizer import EOS_ID, IM_END_ID, IM_START_ID, PAD_ID, get_encoding  # noqa: E402

@@ -1,17 +1,16 @@
-"""This project's model checkpoint: a directory that a `DbrxLM` can be rebuilt from.
+"""Safetensors weight files as this package writes and reads them, whatever the format's names.
 
-    config.yaml                       the model config (`typed_config.to_dict(ModelConfig)`)
-    model.safetensors                 every weight, under the model's parameter names
+    model.safetensors                 every weight
  or model-00001-of-0000N.safetensors  shards of at most `max_shard_bytes`, with
     model.safetensors.index.json      {"metadata": {"total_size": bytes}, "weight_map": {name: file}}
 
-The weight files and the index use transformers' layout, so the same writer and reader serve
-the converter (`dbrx_train.convert`), which only renames tensors and swaps the config file.
+transformers' layout, so this project's checkpoints (`native`) and transformers directories (`hf`)
+share the writer and the reader and differ only in tensor names and config file.
 
-A checkpoint is written into a temporary directory next to its destination and renamed into
-place when complete, so a failed or interrupted save never leaves a half-written checkpoint
-where a good one was. Loading reads the safetensors headers first and checks every tensor's
-name and shape against the config before any weight is read, then fills the model file by file.
+A directory is written beside its destination and renamed into place when complete
+(`atomic_directory`), so a failed or interrupted save never leaves a half-written checkpoint where
+a good one was. Reading checks the safetensors headers (every tensor's name and shape against the
+config) before any weight is read, then fills the model file by file.
 """
 
 from __future__ import annotations
@@ -28,7 +27,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
@@ -36,9 +34,7 @@ from tqdm import tqdm
 from dbrx_train.errors import CheckpointError, ConfigError
 from dbrx_train.model.config import ModelConfig
 from dbrx_train.model.dbrx import DbrxLM
-from dbrx_train.typed_config import load_yaml, parse, to_dict
 
-CONFIG_FILE = 'config.yaml'
 WEIGHTS_FILE = 'model.safetensors'
 INDEX_FILE = 'model.safetensors.index.json'
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
@@ -67,16 +63,6 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 
 # ---------------------------------------------------------------- reading
-
-
-def read_config(directory: str | Path) -> ModelConfig:
-    path = Path(directory) / CONFIG_FILE
-    if not path.is_file():
-        raise CheckpointError(f'missing file {path}')
-    try:
-        return parse(ModelConfig, load_yaml(path))
-    except ConfigError as e:
-        raise CheckpointError(f'{path}: {e}') from None
 
 
 def weight_files(directory: str | Path) -> list[Path]:
@@ -170,27 +156,7 @@ def materialize(
     return model.eval()
 
 
-def load_checkpoint(directory: str | Path, device='cpu', dtype: torch.dtype | None = None) -> DbrxLM:
-    """Rebuilds the model saved by `save_checkpoint`; `CheckpointError` if anything is off."""
-    config = read_config(directory)
-    return materialize(config, index_tensors(directory, config), device, dtype)
-
-
 # ---------------------------------------------------------------- writing
-
-
-def save_checkpoint(
-    model: DbrxLM, directory: str | Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False
-) -> Path:
-    """Writes `model` as a checkpoint, atomically. `overwrite` replaces an existing checkpoint."""
-    with atomic_directory(directory, overwrite) as tmp:
-        write_config(tmp, model.config)
-        write_weights(tmp, model.state_dict().items(), max_shard_bytes)
-    return Path(directory)
-
-
-def write_config(directory: Path, config: ModelConfig) -> None:
-    (directory / CONFIG_FILE).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
 
 
 def write_weights(
@@ -278,3 +244,13 @@ def _fsync_files(directory: Path) -> None:
     for file in directory.iterdir():
         with open(file, 'rb') as f:
             os.fsync(f.fileno())
+
+
+def parse_size(text: str) -> int:
+    """Bytes from '5GB', '500MB', '64KiB' or a plain integer (the command lines' `--max-shard-size`)."""
+    match = re.fullmatch(r'\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*', text, re.IGNORECASE)
+    if not match:
+        raise ConfigError('max-shard-size', f'expected a size like 5GB or 500MB, got {text!r}')
+    number, unit, binary = match.groups()
+    base = 1024 if binary else 1000
+    return int(float(number) * base ** ' KMGT'.index(unit.upper() or ' '))
