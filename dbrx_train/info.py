@@ -2,6 +2,12 @@
 
     python -m dbrx_train.info yamls/models/dbrx-132b.yaml
     python -m dbrx_train.info yamls/pretrain/dbrx-tiny.yaml model.n_layers=4 --seq-len 1024
+    python -m dbrx_train.info yamls/models/dbrx-132b.yaml --world-size 8 --moe-world-size 8
+
+With `--world-size`, it also sizes one rank of that training layout (see `training/sizing.py`):
+its parameter, gradient and AdamW bytes, expert and non-expert apart, and its all-to-all and FSDP
+all-gather bytes per step. The expert-parallel degree defaults to the YAML's
+`ffn_config.moe_world_size`.
 
 The YAML is either a model preset (the keys of `ModelConfig` at the top level, as in
 `yamls/models/`) or a training YAML whose `model:` section is one; `key=value` overrides use
@@ -11,14 +17,19 @@ the same paths as the file (`n_layers=4` in a preset, `model.n_layers=4` in a tr
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from collections.abc import Mapping
 from pathlib import Path
 
-from dbrx_train.errors import cli_entry
+from dbrx_train.errors import ConfigError, cli_entry
 from dbrx_train.model.config import ModelConfig
 from dbrx_train.model.dbrx import DbrxLM
 from dbrx_train.model.flops import count_parameters, train_flops_per_token
+from dbrx_train.training.sizing import STATE_BYTES, Layout, Traffic, rank_size
 from dbrx_train.typed_config import load_yaml, parse
+
+GIB = 2**30
+PRECISIONS = ('fp32', 'amp_bf16', 'amp_fp16')
 
 
 def load_model_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> ModelConfig:
@@ -44,6 +55,56 @@ def describe(config: ModelConfig, seq_len: int | None = None) -> str:
     ])
 
 
+def with_moe_world_size(config: ModelConfig, moe_world_size: int) -> ModelConfig:
+    ffn = dataclasses.replace(config.ffn_config, moe_world_size=moe_world_size)
+    try:
+        ffn.check()
+    except ConfigError as e:
+        raise ConfigError(f'ffn_config.{e.key}', e.problem) from None
+    return dataclasses.replace(config, ffn_config=ffn)
+
+
+def describe_layout(config: ModelConfig, layout: Layout, seq_len: int, micro_batch: int = 1,
+                    micro_batches: int = 1, precision: str = 'amp_bf16', mixed_precision: str = 'DEFAULT') -> str:
+    """Rank 0's memory and traffic per step for `layout`, `micro_batch` sequences of `seq_len`
+    tokens per micro-batch and `micro_batches` of them per step."""
+    for key, value in (('micro_batch', micro_batch), ('micro_batches', micro_batches), ('seq_len', seq_len)):
+        if value < 1:
+            raise ConfigError(key, f'must be at least 1, got {value}')
+    traffic = Traffic.of(precision, mixed_precision)
+    tokens = micro_batch * seq_len
+    size = rank_size(config, layout, tokens, micro_batches, traffic)
+    ffn, m, world = config.ffn_config, config.ffn_config.moe_world_size, layout.world_size
+    sharding = (f'HYBRID_SHARD over groups of {layout.shard_group_size}' if layout.shard_group_size
+                else 'FULL_SHARD')
+    experts = (f'each rank owns {ffn.moe_num_experts // m} of {ffn.moe_num_experts} experts per layer, '
+               f'FSDP-sharded over its {world // m} replica(s)' if m > 1 else 'experts sharded like the rest')
+    passes = 3 if layout.activation_checkpointing else 2
+
+    def row(name: str, numel: int) -> str:
+        cells = [numel * b for b in (*STATE_BYTES.values(), sum(STATE_BYTES.values()))]
+        return f'  {name:<11}{numel:>16,}' + ''.join(f'{b / GIB:>10.2f}' for b in cells)
+
+    return '\n'.join([
+        f'layout:            {world} ranks = moe_world_size {m} x {world // m} replica(s); {sharding}; {experts}',
+        f'precision:         {precision}, mixed_precision {mixed_precision}: fp32 master weights, gradients and '
+        f'AdamW moments; all-gathers of {traffic.gather}-byte elements',
+        'per rank (rank 0; GiB = 2^30 bytes):',
+        f'  {"":<11}{"parameters":>16}' + ''.join(f'{name:>10}' for name in (*STATE_BYTES, 'total')),
+        row('experts', size.expert_numel),
+        row('non-expert', size.non_expert_numel),
+        row('total', size.numel),
+        f'gathered block:    {size.gathered_block_bytes / GIB:.2f} GiB (one block\'s parameters while FSDP '
+        f'holds them gathered)',
+        f'per step:          {micro_batches} micro-batch(es) of {micro_batch} x {seq_len} tokens per rank'
+        f'{", activation checkpointing" if layout.activation_checkpointing else ""}',
+        f'  all-to-all:      {size.all_to_all_bytes / GIB:.2f} GiB sent = {micro_batches} micro-batch(es) x '
+        f'{config.n_layers} layers x {passes} passes x {tokens} tokens x top_k {ffn.moe_top_k} x d_model '
+        f'{config.d_model} x ({m} - 1)/{m} x ({traffic.dispatch} dispatch + {traffic.combine} combine bytes)',
+        f'  FSDP all-gather: {size.all_gather_bytes / GIB:.2f} GiB received',
+    ])
+
+
 def _short(n: int) -> str:
     for size, suffix in ((10**12, 'T'), (10**9, 'B'), (10**6, 'M'), (10**3, 'K')):
         if n >= size:
@@ -57,9 +118,28 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument('yaml', help='a model preset or a training YAML with a model: section')
     parser.add_argument('overrides', nargs='*', help='dotted.key=value')
     parser.add_argument('--seq-len', type=int, default=None, help='sequence length for the attention FLOPs '
-                        '(default: the model max_seq_len)')
+                        'and the micro-batch (default: the model max_seq_len)')
+    layout = parser.add_argument_group('sizing one rank of a training layout')
+    layout.add_argument('--world-size', type=int, help='ranks (GPUs) in all')
+    layout.add_argument('--moe-world-size', type=int, help='expert-parallel degree (default: the YAML\'s '
+                        'ffn_config.moe_world_size)')
+    layout.add_argument('--shard-group-size', type=int, help='HYBRID_SHARD: shard within groups of this many '
+                        'ranks, replicate across them (default: FULL_SHARD over all ranks)')
+    layout.add_argument('--micro-batch', type=int, default=1, help='sequences per micro-batch per rank')
+    layout.add_argument('--micro-batches', type=int, default=1, help='micro-batches per step per rank')
+    layout.add_argument('--precision', choices=PRECISIONS, default='amp_bf16')
+    layout.add_argument('--mixed-precision', choices=('DEFAULT', 'PURE', 'FULL'), default='DEFAULT')
+    layout.add_argument('--activation-checkpointing', action='store_true')
     args = parser.parse_args(argv)
-    print(describe(load_model_config(args.yaml, args.overrides), args.seq_len))
+    config = load_model_config(args.yaml, args.overrides)
+    print(describe(config, args.seq_len))
+    if args.world_size is not None:
+        if args.moe_world_size is not None:
+            config = with_moe_world_size(config, args.moe_world_size)
+        print(describe_layout(config, Layout(args.world_size, args.shard_group_size,
+                                             activation_checkpointing=args.activation_checkpointing),
+                              args.seq_len or config.max_seq_len, args.micro_batch, args.micro_batches,
+                              args.precision, args.mixed_precision))
 
 
 if __name__ == '__main__':

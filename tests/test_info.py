@@ -38,3 +38,46 @@ def test_bad_override_is_a_one_line_error(capsys):
         main([str(DBRX_132B), 'ffn_config.moe_top_k=32'])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.startswith('error: ffn_config.moe_top_k: top_k (32) cannot exceed')
+
+
+def test_sizes_one_rank_of_the_132b_preset_on_8_expert_parallel_ranks(capsys):
+    main([str(DBRX_132B), '--world-size', '8', '--moe-world-size', '8', '--seq-len', '4096'])
+    out = capsys.readouterr().out
+    d, gib = 6144, 2**30
+    experts = 16 * 40 * 3 * 10752 * d // 8  # 2 whole experts of each layer on every rank
+    block = 2 * d + (d + 2 * 8 * 128) * d + d * d + 16 * d  # norms, Wqkv, out_proj, router
+    root = 2 * 100352 * d + d  # wte, lm_head, norm_f
+    non_expert = (40 * block + root) // 8
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines() if line.startswith('  ')}
+    for name, numel in (('experts', experts), ('non-expert', non_expert), ('total', experts + non_expert)):
+        # fp32 parameters, fp32 gradients, two fp32 AdamW moments
+        gib_cells = [f'{numel * b / gib:.2f}' for b in (4, 4, 8, 16)]
+        assert rows[name] == [f'{numel:,}', *gib_cells]
+    # 4096 tokens x top-4 rows of 6144, 7/8 of them to other ranks, out in fp32 and back in bf16, forward and
+    # backward, in 40 layers; the non-expert parameters gathered in bf16 from the 7 other ranks.
+    all_to_all = 40 * 2 * 4096 * 4 * d * 7 / 8 * (4 + 2)
+    all_gather = 2 * 7 * (40 * 2 * block + root) // 8
+    assert f'all-to-all:      {all_to_all / gib:.2f} GiB sent = 1 micro-batch(es) x 40 layers x 2 passes x 4096 ' \
+           f'tokens x top_k 4 x d_model 6144 x (8 - 1)/8 x (4 dispatch + 2 combine bytes)' in out
+    assert f'FSDP all-gather: {all_gather / gib:.2f} GiB received' in out
+
+
+@pytest.mark.parametrize('args,error', [
+    (['--world-size', '12', '--moe-world-size', '8'],
+     'model.ffn_config.moe_world_size: the world size (12) is not divisible by 8'),
+    (['--world-size', '8', '--moe-world-size', '16'],
+     'model.ffn_config.moe_world_size: 16 is larger than the world size (8)'),
+    (['--world-size', '6', '--moe-world-size', '3'],
+     'ffn_config.moe_world_size: moe_num_experts (16) is not divisible by 3'),
+    (['--world-size', '16', '--shard-group-size', '8', '--moe-world-size', '8'],
+     'model.ffn_config.moe_world_size: expert parallelism needs FULL_SHARD'),
+    (['--world-size', '12', '--shard-group-size', '8'],
+     'fsdp_config.shard_group_size: the world size (12) is not a multiple of 8'),
+    (['--world-size', '8', '--micro-batch', '0'], 'micro_batch: must be at least 1, got 0'),
+])
+def test_impossible_layouts_are_one_line_errors_naming_the_key(args, error, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(DBRX_132B), *args])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f'error: {error}') and err.count('\n') == 1

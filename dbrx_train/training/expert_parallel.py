@@ -18,7 +18,6 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from dbrx_train.errors import ConfigError
-from dbrx_train.model.config import ModelConfig
 from dbrx_train.model.dbrx import DbrxLM
 from dbrx_train.model.moe.expert_parallel import ExpertParallelExperts
 
@@ -51,15 +50,3 @@ def parallelize_experts(model: DbrxLM, mesh: DeviceMesh, mp_policy: MixedPrecisi
         fully_shard(experts, mesh=mesh['dp'], reshard_after_forward=reshard_after_forward,
                     mp_policy=mp_policy or MixedPrecisionPolicy())
         block.ffn.experts = experts
-
-
-def all_to_all_bytes_per_step(config: ModelConfig, tokens_per_rank: int, moe_world_size: int,
-                              element_size: int = 4, training: bool = True) -> float:
-    """Bytes one rank sends to the other ranks of its group per step, all layers, when routing is
-    uniform: of its `tokens * top_k` rows, `(moe_world_size - 1) / moe_world_size` go away and as
-    many come in, and the results go back (and in training the gradients both ways again).
-    The `moe/all_to_all_bytes` metric measures it, summed over ranks."""
-    ffn = config.ffn_config
-    away = tokens_per_rank * ffn.moe_top_k * (moe_world_size - 1) / moe_world_size
-    all_to_alls = 4 if training else 2
-    return config.n_layers * away * config.d_model * element_size * all_to_alls

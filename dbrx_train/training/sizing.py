@@ -1,0 +1,152 @@
+"""Memory and communication per rank of a training layout, in closed form (no process group, no weights).
+
+Layout: world = `moe_world_size` (M) x replicas (R). Non-expert parameters are FSDP-sharded over
+all ranks (FULL_SHARD) or over `shard_group_size` ranks (HYBRID_SHARD, replicated across groups).
+Expert parameters: with M = 1 they are sharded like the rest; with M > 1 each rank owns E/M whole
+experts of every layer, FSDP-sharded over its R replicas (what `training.expert_parallel` builds).
+FSDP2 splits dim 0 of every parameter into equal chunks, the last ones short or empty, and pads
+to the largest: the numbers here are rank 0's, the busiest.
+
+Bytes per parameter held: fp32 master weights (4), fp32 gradients (4) and AdamW's two fp32
+moments (8), whatever the autocast precision.
+
+All-to-all bytes sent (= received) per rank per step, under uniform routing:
+
+    micro_batches x n_layers x passes x tokens x top_k x d_model x (M - 1) / M x (dispatch + combine bytes)
+
+`tokens` is the tokens of one micro-batch of this rank; each of its `tokens x top_k` (token,
+expert) rows crosses to the rank owning the expert unless it owns it itself (probability 1/M).
+Per layer and pass, rows go out (dispatch) and expert outputs come back (combine); passes are the
+forward and the backward (the gradients retrace both exchanges), plus the forward again under
+activation checkpointing. The rows-per-expert counts exchanged first (E integers) are not counted.
+
+FSDP all-gather bytes received per rank per step, for comparison: every unit's parameters in the
+gather dtype, times (n - 1) / n of its group of n ranks, per micro-batch; the blocks are gathered
+in the forward and again in the backward (`reshard_after_forward`), the root module (embedding,
+final norm, LM head) once, as FSDP2 keeps the root gathered after its forward. Gradient
+reduce-scatters and HYBRID_SHARD's all-reduce are not counted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dbrx_train.errors import ConfigError
+from dbrx_train.model.config import ModelConfig
+from dbrx_train.training.expert_parallel import check_moe_world_size
+
+# Bytes held per parameter: fp32 master weights, fp32 gradients, AdamW's exp_avg and exp_avg_sq.
+STATE_BYTES = {'params': 4, 'grads': 4, 'AdamW': 2 * 4}
+
+
+@dataclass(frozen=True)
+class Layout:
+    world_size: int
+    shard_group_size: int | None = None  # HYBRID_SHARD; None: FULL_SHARD over all ranks
+    reshard_after_forward: bool = True
+    activation_checkpointing: bool = False
+
+    def check(self, config: ModelConfig) -> None:
+        if self.world_size < 1:
+            raise ConfigError('world_size', f'must be at least 1, got {self.world_size}')
+        check_moe_world_size(config.ffn_config.moe_world_size, self.world_size)
+        if self.shard_group_size is not None:
+            if self.shard_group_size < 1 or self.world_size % self.shard_group_size:
+                raise ConfigError('fsdp_config.shard_group_size', f'the world size ({self.world_size}) is not a '
+                                                                  f'multiple of {self.shard_group_size}')
+            if config.ffn_config.moe_world_size > 1:
+                raise ConfigError('model.ffn_config.moe_world_size', 'expert parallelism needs FULL_SHARD, not '
+                                                                     'HYBRID_SHARD (shard_group_size)')
+
+    @property
+    def shard_ranks(self) -> int:
+        """The ranks each non-expert parameter is split over."""
+        return self.shard_group_size or self.world_size
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """Bytes per element on the wire."""
+
+    gather: int  # FSDP all-gathers: the mixed-precision param_dtype
+    dispatch: int  # the MoE layer's input rows
+    combine: int  # the experts' output rows
+
+    @classmethod
+    def of(cls, precision: str, mixed_precision: str = 'DEFAULT') -> Traffic:
+        """On GPUs, for the training YAML's `precision` and `fsdp_config.mixed_precision`: Composer
+        gathers in the autocast dtype unless FULL; the MoE input is a LayerNorm output, which CUDA
+        autocast keeps in fp32; the experts' matmuls return the autocast dtype."""
+        autocast = 4 if precision == 'fp32' else 2
+        return cls(gather=4 if mixed_precision == 'FULL' else autocast, dispatch=4, combine=autocast)
+
+
+@dataclass(frozen=True)
+class RankSize:
+    """Rank 0's share of a layout. Numels are of its FSDP shards, padding included."""
+
+    expert_numel: int
+    non_expert_numel: int
+    all_to_all_bytes: float  # per step, sent (= received under uniform routing)
+    all_gather_bytes: int  # per step, received
+    gathered_block_bytes: int  # one transformer block's parameters as FSDP gathers them (transient)
+
+    @property
+    def numel(self) -> int:
+        return self.expert_numel + self.non_expert_numel
+
+
+def _shard(dim0: int, rest: int, ranks: int) -> int:
+    """Elements of rank 0's FSDP2 shard of a `(dim0, ...)` parameter over `ranks` ranks."""
+    return -(-dim0 // ranks) * rest
+
+
+def _shapes(config: ModelConfig) -> tuple[list[tuple[int, int]], list[tuple[int, int]], list[tuple[int, int]]]:
+    """(dim 0, elements per row) of one block's non-expert parameters, of one expert weight
+    (w1, v1 and w2 alike), and of the root module's parameters."""
+    d, ffn = config.d_model, config.ffn_config
+    qkv = d + 2 * config.attn_config.kv_n_heads * config.head_dim
+    block = [(d, 1), (qkv, d), (d, d), (d, 1), (ffn.moe_num_experts, d)]  # norm_1, Wqkv, out_proj, norm_2, router
+    expert = [(ffn.moe_num_experts * ffn.ffn_hidden_size, d)]
+    root = [(config.vocab_size, d), (d, 1), (config.vocab_size, d)]  # wte, norm_f, lm_head
+    return block, expert, root
+
+
+def all_to_all_bytes(config: ModelConfig, tokens: int, micro_batches: int = 1, dispatch_bytes: int = 4,
+                     combine_bytes: int = 4, activation_checkpointing: bool = False) -> float:
+    """Bytes one rank sends by all-to-all in a training step, under uniform routing (the formula
+    in this module's docstring); `tokens` is one micro-batch's tokens on this rank."""
+    ffn = config.ffn_config
+    m = ffn.moe_world_size
+    passes = 3 if activation_checkpointing else 2
+    rows = tokens * ffn.moe_top_k
+    return micro_batches * config.n_layers * passes * rows * config.d_model * (m - 1) / m * (dispatch_bytes +
+                                                                                              combine_bytes)
+
+
+def rank_size(config: ModelConfig, layout: Layout, tokens: int, micro_batches: int, traffic: Traffic) -> RankSize:
+    """Rank 0's parameter shards and its traffic per step; `tokens` per micro-batch on this rank."""
+    layout.check(config)
+    m = config.ffn_config.moe_world_size
+    block, (expert,), root = _shapes(config)
+    n = layout.shard_ranks
+    expert_rows = expert[0] // m  # this rank's experts, then FSDP over its replicas
+    expert_ranks = layout.world_size // m if m > 1 else n
+    expert_shard = 3 * _shard(expert_rows, expert[1], expert_ranks)
+    block_shard = sum(_shard(dim0, rest, n) for dim0, rest in block)
+    root_shard = sum(_shard(dim0, rest, n) for dim0, rest in root)
+
+    def received(shard: int, ranks: int) -> int:  # all-gather: every other rank's padded shard
+        return (ranks - 1) * shard * traffic.gather
+
+    block_gathers = 2 if layout.reshard_after_forward else 1
+    per_block = block_gathers * (received(block_shard, n) + received(expert_shard, expert_ranks))
+    gathers = micro_batches * (config.n_layers * per_block + received(root_shard, n))
+    return RankSize(
+        expert_numel=config.n_layers * expert_shard,
+        non_expert_numel=config.n_layers * block_shard + root_shard,
+        all_to_all_bytes=all_to_all_bytes(config, tokens, micro_batches, traffic.dispatch, traffic.combine,
+                                          layout.activation_checkpointing),
+        all_gather_bytes=gathers,
+        gathered_block_bytes=(n * block_shard + expert_ranks * expert_shard) * traffic.gather,
+    )

@@ -1,0 +1,70 @@
+"""training/sizing.py against the parameters of a real (meta-device) model, split the way FSDP2 splits them."""
+
+import dataclasses
+
+import pytest
+
+from dbrx_train.model.config import AttentionConfig, FFNConfig, ModelConfig
+from dbrx_train.model.dbrx import DbrxLM
+from dbrx_train.model.moe import Experts
+from dbrx_train.training.sizing import Layout, Traffic, all_to_all_bytes, rank_size
+
+# Odd sizes, so FSDP's chunks are uneven and padded: vocab 50, Wqkv 24 rows, 4 x 5 expert rows.
+TINY = ModelConfig(d_model=12, n_heads=2, n_layers=2, max_seq_len=16, vocab_size=50,
+                   attn_config=AttentionConfig(kv_n_heads=1),
+                   ffn_config=FFNConfig(ffn_hidden_size=5, moe_num_experts=4, moe_top_k=2))
+TRAFFIC = Traffic(gather=2, dispatch=4, combine=2)
+
+
+def fsdp_rank0(config: ModelConfig, layout: Layout) -> tuple[int, int, int]:
+    """Rank 0's expert and non-expert elements and all-gathered bytes per micro-batch, from the
+    model's own parameters: dim 0 cut by `torch.chunk` (as DTensor Shard(0) and FSDP2 cut it),
+    first over the expert-parallel ranks, then over the FSDP group; FSDP2 pads every shard to the first."""
+    model = DbrxLM(config, device='meta')
+    expert_params = {id(p) for m in model.modules() if isinstance(m, Experts) for p in m.parameters()}
+    m = config.ffn_config.moe_world_size
+    expert = non_expert = gathered = 0
+    for name, p in model.named_parameters():
+        if id(p) in expert_params and m > 1:
+            local, ranks = p.chunk(m)[0], layout.world_size // m
+        else:
+            local, ranks = p, layout.shard_group_size or layout.world_size
+        shard = local.chunk(ranks)[0].numel()
+        if id(p) in expert_params:
+            expert += shard
+        else:
+            non_expert += shard
+        gathers = 2 if name.startswith('blocks.') else 1  # the root unit stays gathered for the backward
+        gathered += gathers * (ranks - 1) * shard * TRAFFIC.gather
+    return expert, non_expert, gathered
+
+
+@pytest.mark.parametrize('moe_world_size,layout', [
+    (1, Layout(1)),
+    (1, Layout(4)),
+    (1, Layout(6, shard_group_size=3)),
+    (2, Layout(6)),  # 2 experts per rank, their 10 rows over 3 replicas: 4, 4, 2
+    (4, Layout(4)),
+])
+def test_shards_and_gathers_equal_those_of_the_model_parameters(moe_world_size, layout):
+    config = dataclasses.replace(TINY, ffn_config=dataclasses.replace(TINY.ffn_config, moe_world_size=moe_world_size))
+    size = rank_size(config, layout, tokens=16, micro_batches=3, traffic=TRAFFIC)
+    expert, non_expert, gathered = fsdp_rank0(config, layout)
+    assert (size.expert_numel, size.non_expert_numel, size.all_gather_bytes) == (expert, non_expert, 3 * gathered)
+    if layout.world_size == 1:
+        assert size.numel == sum(p.numel() for p in DbrxLM(config, device='meta').parameters())
+
+
+def test_all_to_all_counts_the_rows_leaving_the_rank():
+    config = dataclasses.replace(TINY, ffn_config=dataclasses.replace(TINY.ffn_config, moe_world_size=4))
+    # 10 tokens x top-2 = 20 rows, 3/4 of them to other ranks, 12 elements each, out and back, per layer.
+    per_pass = 2 * 20 * 3 / 4 * 12 * (4 + 2)
+    assert all_to_all_bytes(config, 10, dispatch_bytes=4, combine_bytes=2) == 2 * per_pass
+    assert all_to_all_bytes(config, 10, 5, 4, 2, activation_checkpointing=True) == 5 * 3 * per_pass
+    assert all_to_all_bytes(TINY, 10) == 0  # one expert-parallel rank: nothing leaves
+
+
+def test_traffic_follows_composer_mixed_precision():
+    assert Traffic.of('fp32') == Traffic(gather=4, dispatch=4, combine=4)
+    assert Traffic.of('amp_bf16') == Traffic(gather=2, dispatch=4, combine=2)
+    assert Traffic.of('amp_bf16', 'FULL') == Traffic(gather=4, dispatch=4, combine=2)
