@@ -3,22 +3,46 @@
 Each (token, expert) assignment is sorted by expert, every expert multiplies exactly the rows
 routed to it (no capacity factor, no padding, no dense mask over all experts), and the weighted
 results are scattered back. A token's output depends only on that token.
+
+`dropless_moe` is the routing alone, given one expert's feed-forward as a function: the float
+experts here and the quantized ones (`dbrx_train.model.quantize`) share it; the expert-parallel
+backend shares its pieces (`sort_by_expert`, `grouped_experts`, `combine`).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 from dbrx_train.model.moe.base import Experts
 
+ExpertFFN = Callable[[int, torch.Tensor], torch.Tensor]  # (expert, its rows) -> its outputs
+
 
 class TorchDroplessExperts(Experts):
     def forward(self, x: torch.Tensor, top_weights: torch.Tensor, top_experts: torch.Tensor) -> torch.Tensor:
-        order, token_of_row, rows_per_expert = sort_by_expert(top_experts, self.num_experts)
-        # Rows per expert decide the matmul shapes, so they must be known on the host.
-        expert_out = grouped_experts(x[token_of_row], rows_per_expert.tolist(), self.w1, self.v1, self.w2)
-        return combine(x, expert_out, top_weights, order, token_of_row)
+        return dropless_moe(x, top_weights, top_experts, self.num_experts,
+                            glu_ffn(self.w1, self.v1, self.w2, self.num_experts))
+
+
+def dropless_moe(x: torch.Tensor, top_weights: torch.Tensor, top_experts: torch.Tensor, num_experts: int,
+                 expert_ffn: ExpertFFN) -> torch.Tensor:
+    """The weighted sum of each token's `top_experts` outputs, `(tokens, d_model)`."""
+    if x.shape[0] == 1:
+        # One token (batch-1 decoding): its top_k experts in turn, on views of their weights;
+        # sorting, splitting and scattering a single row would cost more than the matmuls.
+        weights = top_weights.to(x.dtype)
+        out = None
+        for slot, e in enumerate(top_experts[0].tolist()):
+            y = expert_ffn(e, x) * weights[:, slot : slot + 1]
+            out = y if out is None else out.add_(y)
+        return out
+    order, token_of_row, rows_per_expert = sort_by_expert(top_experts, num_experts)
+    # Rows per expert decide the matmul shapes, so they must be known on the host.
+    expert_out = run_grouped(x[token_of_row], rows_per_expert.tolist(), expert_ffn)
+    return combine(x, expert_out, top_weights, order, token_of_row)
 
 
 def sort_by_expert(top_experts: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -29,21 +53,32 @@ def sort_by_expert(top_experts: torch.Tensor, num_experts: int) -> tuple[torch.T
     return order, order // top_experts.shape[-1], torch.bincount(flat_experts, minlength=num_experts)
 
 
+def glu_ffn(w1: torch.Tensor, v1: torch.Tensor, w2: torch.Tensor, experts: int) -> ExpertFFN:
+    """Expert `e`'s GLU, for `w1`, `v1`, `w2` holding `experts` experts as `(experts * ffn_hidden_size, d_model)`."""
+    # Under autocast autograd's own ops keep the casts right; otherwise the GLU saves less.
+    glu = _glu if torch.is_autocast_enabled(w1.device.type) else _GLU.apply
+    w1, v1, w2 = (w.view(experts, -1, w.shape[-1]) for w in (w1, v1, w2))
+    if torch.is_grad_enabled() and w1.requires_grad:
+        # unbind, not w1[e]: each select's backward would write a zero-filled full-size gradient.
+        w1, v1, w2 = w1.unbind(0), v1.unbind(0), w2.unbind(0)
+    return lambda e, rows: glu(rows, w1[e], v1[e], w2[e])
+
+
+def run_grouped(rows: torch.Tensor, rows_per_expert: list[int], expert_ffn: ExpertFFN) -> torch.Tensor:
+    """Each expert's feed-forward on its block of `rows` (sorted by expert), concatenated."""
+    outputs = [expert_ffn(e, block) for e, block in enumerate(rows.split(rows_per_expert)) if len(block)]
+    if not outputs:
+        # An expert-parallel rank can receive no row. Its weights still take part in the backward
+        # pass (with a zero gradient), so every rank runs the same gradient collectives.
+        outputs.append(expert_ffn(0, rows))
+    return torch.cat(outputs)
+
+
 def grouped_experts(rows: torch.Tensor, rows_per_expert: list[int], w1: torch.Tensor, v1: torch.Tensor,
                     w2: torch.Tensor) -> torch.Tensor:
     """Each expert's GLU on its block of `rows` (sorted by expert); `w1`, `v1`, `w2` hold the
     `len(rows_per_expert)` experts as `(experts * ffn_hidden_size, d_model)`."""
-    experts = len(rows_per_expert)
-    # unbind, not w1[e]: each select's backward would write a zero-filled full-size gradient.
-    w1, v1, w2 = (w.view(experts, -1, w.shape[-1]).unbind(0) for w in (w1, v1, w2))
-    # Under autocast autograd's own ops keep the casts right; otherwise the GLU saves less.
-    glu = _glu if torch.is_autocast_enabled(rows.device.type) else _GLU.apply
-    outputs = [glu(block, w1[e], v1[e], w2[e]) for e, block in enumerate(rows.split(rows_per_expert)) if len(block)]
-    if not outputs:
-        # An expert-parallel rank can receive no row. Its weights still take part in the backward
-        # pass (with a zero gradient), so every rank runs the same gradient collectives.
-        outputs.append(glu(rows, w1[0], v1[0], w2[0]))
-    return torch.cat(outputs)
+    return run_grouped(rows, rows_per_expert, glu_ffn(w1, v1, w2, len(rows_per_expert)))
 
 
 def combine(x: torch.Tensor, expert_out: torch.Tensor, top_weights: torch.Tensor, order: torch.Tensor,
