@@ -26,6 +26,7 @@ from dbrx_train.checkpoints.storage import StoredTensor, index_tensors
 from dbrx_train.errors import CheckpointError
 from dbrx_train.model.config import ModelConfig
 from dbrx_train.model.dbrx import DbrxLM
+from dbrx_train.model.quantize import quantize as quantize_model
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,11 @@ def open_saved(path: str | Path) -> SavedModel:
     return SavedModel(path, kind, kind.read_config(path))
 
 
-def load_pretrained(path: str | Path, device='cpu', dtype: torch.dtype | None = None) -> DbrxLM:
+def load_pretrained(path: str | Path, device='cpu', dtype: torch.dtype | None = None,
+                    quantize: str | None = None) -> DbrxLM:
     """The model saved at `path` (any format above), on `device`, in eval mode. `dtype` None keeps
-    the stored dtype."""
-    return detect_format(path).load(Path(path), device, dtype).eval()
+    the stored dtype, except that `quantize` ('int8', see `dbrx_train.model.quantize`) computes in
+    bfloat16 unless told otherwise: torch's int8 CPU kernel is fast only with 16-bit activations."""
+    if quantize is not None and dtype is None:
+        dtype = torch.bfloat16
+    return quantize_model(detect_format(path).load(Path(path), device, dtype), quantize).eval()

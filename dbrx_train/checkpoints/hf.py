@@ -116,6 +116,10 @@ def hf_config(config: ModelConfig, torch_dtype: torch.dtype | None = None):
     """The transformers `DbrxConfig` of a model config."""
     from transformers import DbrxConfig
 
+    if config.quantization is not None:
+        raise CheckpointError(f'a {config.quantization} quantized model has no transformers form; '
+                              'export its float checkpoint')
+
     values = _shared_config_values(config)
     values['ffn_config']['ffn_act_fn'] = {'name': 'silu'}
     return DbrxConfig(**values, initializer_range=config.init_std, architectures=['DbrxForCausalLM'],

@@ -44,7 +44,9 @@ _CHECKPOINT_FILE = re.compile(
     r'|model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json'
     r'|tokenizer\.json|tokenizer_config\.json|special_tokens_map\.json'  # what an export adds
 )
-_SAFETENSORS_DTYPES = {'F64': torch.float64, 'F32': torch.float32, 'F16': torch.float16, 'BF16': torch.bfloat16}
+# Floats, and the int8 matrices of a quantized checkpoint (dbrx_train/model/quantize.py).
+_SAFETENSORS_DTYPES = {'F64': torch.float64, 'F32': torch.float32, 'F16': torch.float16, 'BF16': torch.bfloat16,
+                       'I8': torch.int8}
 
 
 @dataclass(frozen=True)
@@ -117,7 +119,7 @@ def index_tensors(
                     dtype = _SAFETENSORS_DTYPES.get(tensor_slice.get_dtype())
                     if dtype is None:
                         raise CheckpointError(
-                            f'tensor {key!r} in {file} has dtype {tensor_slice.get_dtype()}; expected a float type'
+                            f'tensor {key!r} in {file} has dtype {tensor_slice.get_dtype()}; expected a float type (or int8)'
                         )
                     found[name] = StoredTensor(file, key, shape, dtype)
         except SafetensorError as e:

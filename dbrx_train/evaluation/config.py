@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from dbrx_train.data import LoaderConfig
 from dbrx_train.errors import ConfigError
-from dbrx_train.model.config import ModelConfig
+from dbrx_train.model.config import ModelConfig, Quantization
 from dbrx_train.training.composer_model import generation_options, icl_metrics
 from dbrx_train.typed_config import load_yaml, parse
 
@@ -133,6 +133,10 @@ class EvalConfig:
     eval_subset_num_batches: int = -1  # per stream (-1: all of it)
     icl_subset_num_batches: int | None = None  # per task (None: all of it)
     precision: Literal['fp32', 'amp_bf16', 'amp_fp16'] = 'fp32'
+    # The weights' dtype for inference (None: as stored; bfloat16 with quantize) and weight-only
+    # quantization ('int8', dbrx_train/model/quantize.py), as `load_pretrained` takes them.
+    dtype: Literal['float32', 'bfloat16', 'float16'] | None = None
+    quantize: Quantization | None = None
     device: Literal['auto', 'cpu', 'gpu'] = 'auto'
     loggers: dict[str, dict[str, Any]] = field(default_factory=dict)  # by llm-foundry registry name
     progress_bar: bool = True

@@ -12,6 +12,8 @@ from typing import Literal
 from dbrx_train.errors import ConfigError
 
 MoEBackendName = Literal['auto', 'torch', 'megablocks']
+# Weight-only quantizations (dbrx_train/model/quantize.py).
+Quantization = Literal['int8']
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,9 @@ class ModelConfig:
     init_std: float = 0.02
     # Which dropless MoE implementation runs the experts; the weights are the same for all.
     moe_backend: MoEBackendName = 'auto'
+    # How the matrices are stored: None in float; 'int8' per-channel int8 (a quantized checkpoint,
+    # written by saving a model `dbrx_train.model.quantize` quantized; it is for inference only).
+    quantization: Quantization | None = None
 
     def check(self) -> None:
         for name in ('d_model', 'n_heads', 'n_layers', 'max_seq_len', 'vocab_size'):

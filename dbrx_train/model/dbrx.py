@@ -23,6 +23,7 @@ from dbrx_train.model.config import ModelConfig
 from dbrx_train.model.generation import generate
 from dbrx_train.model.loss import linear_cross_entropy, load_balancing_loss
 from dbrx_train.model.moe import Experts, build_experts
+from dbrx_train.model.quantize import quantize
 
 NORM_EPS = 1e-5
 IGNORE_INDEX = -100
@@ -158,7 +159,9 @@ class DbrxLM(nn.Module):
         self.blocks = nn.ModuleList(DbrxBlock(config, device=device) for _ in range(config.n_layers))
         self.norm_f = nn.LayerNorm(config.d_model, eps=NORM_EPS, bias=False, device=device)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False, device=device)
-        if device is None or torch.device(device).type != 'meta':
+        if config.quantization is not None:  # the layout of a quantized checkpoint, to load one into
+            quantize(self, config.quantization, empty=True)
+        elif device is None or torch.device(device).type != 'meta':
             self.init_weights()
 
     @torch.no_grad()

@@ -8,23 +8,25 @@ of the scales and of every output. The matmuls are torch's `_weight_int8pack_mm`
 float activations) where the device has that kernel, else a dequantizing `F.linear`.
 
 The quantized modules keep their tensors as buffers (`weight`/`scales`, and `w1`, `w1_scales`,
-...), so a quantized model's `state_dict` is its checkpoint: `quantize(model, 'int8', empty=True)`
-builds the same structure without computing anything, for loading one.
+...) and `model.config.quantization` records the method, so `save_checkpoint` writes a quantized
+checkpoint as it is (int8 tensors, scales, the marker in config.yaml) and loading one builds the
+quantized layout (`DbrxLM` calls `quantize(..., empty=True)`) and fills it: no re-quantizing.
 """
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+from dataclasses import replace
+from typing import get_args
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from dbrx_train.errors import ConfigError
+from dbrx_train.model.config import Quantization
 from dbrx_train.model.moe.base import Experts
 from dbrx_train.model.moe.torch_dropless import ExpertFFN, dropless_moe
 
-Quantization = Literal['int8']
 QUANTIZATIONS: tuple[str, ...] = get_args(Quantization)
 _INT8_MAX = 127
 _KERNEL_DTYPES = (torch.bfloat16, torch.float16)
@@ -131,20 +133,19 @@ class Int8Experts(nn.Module):
 
 @torch.no_grad()
 def quantize(model, method: str | None, empty: bool = False):
-    """Quantizes `model` (a `DbrxLM`) in place and returns it; `method` None leaves it as it is.
-    `empty` builds the quantized modules with uninitialised tensors (to load a quantized checkpoint into)."""
+    """Quantizes `model` (a `DbrxLM`) in place and returns it; `method` None, or the method the model
+    is already quantized with, leaves it as it is. `empty` builds the quantized modules with
+    uninitialised tensors (to load a quantized checkpoint into)."""
     check_quantization(method)
-    if method is None:
+    if method is None or method == model.config.quantization and not empty:
         return model
+    if model.config.quantization is not None and not empty:
+        raise ConfigError('quantize', f'the model is already quantized ({model.config.quantization}); '
+                                      f'load its float checkpoint to quantize it as {method}')
     for block in model.blocks:
         block.attn.Wqkv = Int8Linear.from_linear(block.attn.Wqkv, empty)
         block.attn.out_proj = Int8Linear.from_linear(block.attn.out_proj, empty)
         block.ffn.experts = Int8Experts.from_experts(block.ffn.experts, empty)
     model.lm_head = Int8Linear.from_linear(model.lm_head, empty)
-    model.quantization = method
+    model.config = replace(model.config, quantization=method)
     return model
-
-
-def quantization_of(model) -> str | None:
-    """What `quantize` did to `model`, None when nothing."""
-    return getattr(model, 'quantization', None)

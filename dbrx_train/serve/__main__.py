@@ -28,13 +28,16 @@ def parse_args(argv: list[str] | None = None) -> ServeConfig:
     parser.add_argument('--checkpoint', help='a composer checkpoint or a transformers DBRX directory')
     parser.add_argument('--host', help='address to bind (default 127.0.0.1: this machine only)')
     parser.add_argument('--port', type=int)
+    parser.add_argument('--dtype', help='float32, bfloat16 or float16 (default: as stored)')
+    parser.add_argument('--quantize', help='int8: weight-only int8 matmuls (default: none)')
     parser.add_argument('--api-key', help=f'require `Authorization: Bearer KEY` (or set ${API_KEY_ENV})')
     parser.add_argument('overrides', nargs='*', metavar='key=value', help='overrides of --config keys')
     args = parser.parse_args(argv)
     if args.overrides and not args.config:
         raise ConfigError('', 'key=value overrides need --config')
     data = load_yaml(args.config, args.overrides) if args.config else {}
-    flags = {'checkpoint': args.checkpoint, 'host': args.host, 'port': args.port, 'api_key': args.api_key}
+    flags = {'checkpoint': args.checkpoint, 'host': args.host, 'port': args.port, 'api_key': args.api_key,
+             'dtype': args.dtype, 'quantize': args.quantize}
     data.update({key: value for key, value in flags.items() if value is not None})
     if data.get('api_key') is None and os.environ.get(API_KEY_ENV):
         data['api_key'] = os.environ[API_KEY_ENV]
@@ -48,7 +51,8 @@ def load_model(config: ServeConfig):
     device = config.device
     if device == 'auto':
         device = 'cuda' if torch.cuda.is_available() else 'cpu'
-    return load_pretrained(config.checkpoint, device=device, dtype=config.dtype and getattr(torch, config.dtype))
+    return load_pretrained(config.checkpoint, device=device, dtype=config.dtype and getattr(torch, config.dtype),
+                           quantize=config.quantize)
 
 
 @cli_entry
@@ -63,8 +67,9 @@ def main(argv: list[str] | None = None) -> None:
     with ThreadPoolExecutor(1, thread_name_prefix='load') as loader:
         model = loader.submit(load_model, config).result()
     app = create_app(model, get_encoding(), config)
-    log.info('serving %s (%s, %s) on http://%s:%d; API key %s', config.checkpoint, model.lm_head.weight.device,
-             model.lm_head.weight.dtype, config.host, config.port, 'required' if config.api_key else 'off')
+    log.info('serving %s (%s, %s%s) on http://%s:%d; API key %s', config.checkpoint, model.wte.weight.device,
+             model.wte.weight.dtype, f', {config.quantize} weights' if config.quantize else '', config.host,
+             config.port, 'required' if config.api_key else 'off')
     uvicorn.run(app, host=config.host, port=config.port, log_level='info')
 
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from dbrx_train.errors import ConfigError
+from dbrx_train.model.config import Quantization
 
 API_KEY_ENV = 'DBRX_SERVE_API_KEY'
 
@@ -22,7 +23,8 @@ class ServeConfig:
     # The name /v1/models lists and requests may name; default: the checkpoint's directory name.
     model_name: str | None = None
     device: str = 'auto'  # 'auto' is cuda when available, else cpu
-    dtype: Literal['float32', 'bfloat16', 'float16'] | None = None  # None: as stored
+    dtype: Literal['float32', 'bfloat16', 'float16'] | None = None  # None: as stored (bfloat16 with quantize)
+    quantize: Quantization | None = None  # 'int8': weight-only int8 (dbrx_train/model/quantize.py)
     # Sequences decoded together in one step; more wait in the engine's queue.
     max_batch_size: int = 16
     # Completion requests in flight at once (queued or running); one more is refused with 429.

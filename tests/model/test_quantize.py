@@ -97,3 +97,26 @@ def test_quantize_replaces_every_matrix_a_token_multiplies_by(dense_routing_mode
 def test_unknown_quantization_is_one_clear_line(dense_routing_model):
     with pytest.raises(ConfigError, match=r"^quantize: unknown quantization 'int3'; choose from int8$"):
         quantize(dense_routing_model, 'int3')
+
+
+def test_quantized_checkpoint_round_trips_bit_exactly(dense_routing_model, tmp_path):
+    from dbrx_train.checkpoints import load_pretrained, save_checkpoint
+
+    model = variant(dense_routing_model, torch.bfloat16, 'int8')
+    save_checkpoint(model, tmp_path / 'int8')
+    assert 'quantization: int8' in (tmp_path / 'int8' / 'config.yaml').read_text()
+    loaded = load_pretrained(tmp_path / 'int8')
+    assert loaded.config == model.config and isinstance(loaded.lm_head, Int8Linear)
+    saved, restored = model.state_dict(), loaded.state_dict()
+    assert saved.keys() == restored.keys()
+    for name, tensor in saved.items():
+        assert restored[name].dtype == tensor.dtype and torch.equal(restored[name], tensor), name
+    ids = torch.randint(0, VOCAB, (1, 8))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), model(ids))
+    # Asking for int8 again keeps the stored weights; a float load of the float checkpoint quantizes.
+    assert torch.equal(load_pretrained(tmp_path / 'int8', quantize='int8').lm_head.weight, model.lm_head.weight)
+    save_checkpoint(dense_routing_model, tmp_path / 'fp32')
+    fresh = load_pretrained(tmp_path / 'fp32', quantize='int8')
+    assert fresh.wte.weight.dtype == torch.bfloat16  # int8 computes in bfloat16 unless told otherwise
+    assert torch.equal(fresh.lm_head.weight, model.lm_head.weight)

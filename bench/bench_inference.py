@@ -1,0 +1,225 @@
+"""Inference in fp32, bf16 and weight-only int8 against transformers' fp32 and bf16 `generate`, with
+the memory-bandwidth ceiling of batch-1 decoding and what quantization costs in quality.
+
+    .venv/bin/python bench/bench_inference.py [--quick] [--only peak decode quality] [--checkpoint DIR] [--json PATH]
+
+- peak: the fp32 and bf16 matmul rates of this CPU, and the bandwidth a large matrix-vector product reaches.
+- decode: batch-1 greedy tokens/s, same weights, all variants in turns (medians), on the bench config and on a
+  d_model 256 / 4-layer config; each with the bytes one step reads and the share of the ceiling it reaches.
+- quality: perplexity on a held-out stream of the embedded corpus (documents past the corpus's token cap, never
+  trained on) and top-1 agreement with fp32, from a trained checkpoint (`make demo` writes runs/dbrx-tiny).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import statistics
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from bench_model import log, write_json
+from common import alternate, bench_config, hf_twin, timed
+from dbrx_train.model import DbrxLM
+from dbrx_train.model.quantize import quantize
+from dbrx_train.training.hardware import matmul_peak_flops
+
+THREADS = 2
+SECTIONS = ('peak', 'decode', 'quality')
+PROMPT_LEN = 16
+DEMO_CHECKPOINT = Path('runs/dbrx-tiny/checkpoints')
+# (name, dtype, quantization) of our variants; transformers runs the first two dtypes.
+OURS = (('fp32', torch.float32, None), ('bf16', torch.bfloat16, None), ('int8', torch.bfloat16, 'int8'))
+HF = (('fp32', torch.float32), ('bf16', torch.bfloat16))
+
+
+@dataclass
+class Settings:
+    new_tokens: int
+    repeats: int
+    quality_windows: int  # held-out windows of the checkpoint's max_seq_len per stream
+
+
+FULL = Settings(new_tokens=48, repeats=3, quality_windows=8)
+QUICK = Settings(new_tokens=8, repeats=1, quality_windows=1)
+
+
+def ours_variant(model: DbrxLM, dtype: torch.dtype, method: str | None) -> DbrxLM:
+    return quantize(copy.deepcopy(model).to(dtype), method).eval()
+
+
+def step_bytes(model: DbrxLM) -> int:
+    """Weight bytes one batch-1 decoding step reads: every tensor but the embedding table (looked up,
+    not read whole), the experts' at top_k / num_experts (only the routed ones are read)."""
+    ffn = model.config.ffn_config
+    total = 0.0
+    for name, tensor in model.state_dict().items():
+        size = tensor.numel() * tensor.element_size()
+        if name.startswith('wte.'):
+            continue
+        total += size * ffn.moe_top_k / ffn.moe_num_experts if '.experts.' in name else size
+    return int(total)
+
+
+@torch.inference_mode()
+def matvec_bandwidth(rows: int = 100352, cols: int = 512) -> float:
+    """Bytes/s a large fp32 matrix-vector product reads (the LM head's shape): the ceiling's bandwidth."""
+    weight, x = torch.randn(rows, cols), torch.randn(1, cols)
+    seconds = min(timed(lambda: torch.nn.functional.linear(x, weight)) for _ in range(20))
+    return weight.numel() * 4 / seconds
+
+
+def bench_peak() -> tuple[list[str], dict]:
+    fp32 = matmul_peak_flops(torch.float32, size=2048, seconds=2.0) / 1e9
+    bf16 = matmul_peak_flops(torch.bfloat16, size=512, seconds=2.0) / 1e9
+    bandwidth = matvec_bandwidth()
+    notes = [f'matmul peak: fp32 {fp32:.1f} GFLOP/s (2048^2), bf16 {bf16:.2f} GFLOP/s (512^2) = {bf16 / fp32:.2f}x fp32; '
+             f'a 100352x512 fp32 matvec reads {bandwidth / 1e9:.1f} GB/s']
+    return notes, {'fp32_gflops': fp32, 'bf16_gflops': bf16, 'matvec_gbps': bandwidth / 1e9}
+
+
+def bench_decode(config, s: Settings, bandwidth: float) -> tuple[str, dict]:
+    """Batch-1 greedy generation of every variant, in turns, on random weights of `config`."""
+    torch.manual_seed(0)
+    base = DbrxLM(config).eval()
+    hf_base = hf_twin(base).eval()
+    prompt = torch.randint(0, config.vocab_size, (1, PROMPT_LEN), generator=torch.Generator().manual_seed(2))
+    runs, models, outputs = {}, {}, {}
+    for name, dtype, method in OURS:
+        model = models[f'ours {name}'] = ours_variant(base, dtype, method)
+        runs[f'ours {name}'] = (lambda m=model, n=name: outputs.__setitem__(
+            f'ours {n}', m.generate(prompt, max_new_tokens=s.new_tokens, stop_token_ids=())))
+    for name, dtype in HF:
+        model = copy.deepcopy(hf_base).to(dtype)
+
+        @torch.inference_mode()
+        def run(m=model):
+            m.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                       min_new_tokens=s.new_tokens, max_new_tokens=s.new_tokens, pad_token_id=0)
+
+        runs[f'transformers {name}'] = run
+    del hf_base
+    seconds = alternate(runs, warmup=1, repeats=s.repeats)
+    tps = {name: s.new_tokens / t for name, t in seconds.items()}
+    hf32, hf16 = tps['transformers fp32'], tps['transformers bf16']
+    lines = ['| variant | tokens/s | x transformers fp32 | x transformers same dtype | MiB read per step '
+             '| ceiling tokens/s | share of ceiling |', '|---|--:|--:|--:|--:|--:|--:|']
+    result = {}
+    for name, rate in tps.items():
+        dtype_name = 'fp32' if name.endswith('fp32') else 'bf16'
+        same = hf32 if dtype_name == 'fp32' else hf16
+        weights = models.get(name) or models[f'ours {name.split()[-1]}']  # transformers reads as many bytes as ours
+        nbytes = step_bytes(weights)
+        ceiling = bandwidth / nbytes
+        lines.append(f'| {name} | {rate:.1f} | {rate / hf32:.2f}x | {rate / same:.2f}x | {nbytes / 2**20:.0f} '
+                     f'| {ceiling:.0f} | {100 * rate / ceiling:.0f}% |')
+        result[name] = {'tokens_per_s': rate, 'step_mib': nbytes / 2**20, 'ceiling_tokens_per_s': ceiling}
+    agree = {n: float((outputs[n][0, PROMPT_LEN:] == outputs['ours fp32'][0, PROMPT_LEN:]).float().mean())
+             for n in outputs}
+    lines.append('')
+    lines.append('- greedy tokens equal to ours fp32 (random weights, so a weak check): '
+                 + ', '.join(f'{n} {100 * a:.0f}%' for n, a in agree.items()))
+    return '\n'.join(lines), result
+
+
+def held_out_windows(seq_len: int, count: int, stream: str) -> torch.Tensor:
+    """`count` windows of `seq_len` tokens from the embedded corpus's documents past its token cap:
+    text the corpus (and so the demo model) never saw."""
+    from dbrx_train.data.embedded_corpus import DEFAULT_MAX_TOKENS, EMBEDDED_STREAMS
+    from dbrx_train.tokenizer import get_encoding
+
+    encoding = get_encoding()
+    seen, tokens = 0, []
+    for document in EMBEDDED_STREAMS[stream]():
+        ids = encoding.encode_ordinary(document) + [encoding.eot_token]
+        if seen >= DEFAULT_MAX_TOKENS:
+            tokens += ids
+            if len(tokens) >= count * seq_len:
+                break
+        seen += len(ids)
+    if len(tokens) < count * seq_len:
+        raise RuntimeError(f'the {stream} stream has only {len(tokens)} held-out tokens')
+    return torch.tensor(tokens[: count * seq_len]).view(count, seq_len)
+
+
+@torch.inference_mode()
+def bench_quality(checkpoint: Path, s: Settings) -> tuple[str, dict]:
+    from dbrx_train.checkpoints import load_pretrained
+
+    base = load_pretrained(checkpoint)
+    seq_len = min(base.config.max_seq_len, 256)
+    windows = {stream: held_out_windows(seq_len, s.quality_windows, stream) for stream in ('text', 'code')}
+    reference = {}
+    lines = ['| variant | stream | perplexity | change vs fp32 | top-1 agreement with fp32 |', '|---|---|--:|--:|--:|']
+    result = {}
+    for name, dtype, method in OURS:
+        model = ours_variant(base, dtype, method)
+        for stream, ids in windows.items():
+            logits = model(ids)[:, :-1].float()
+            nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+            ppl = math.exp(nll.item())
+            top1 = logits.argmax(dim=-1)
+            if name == 'fp32':
+                reference[stream] = (ppl, top1)
+            ref_ppl, ref_top1 = reference[stream]
+            agreement = float((top1 == ref_top1).float().mean())
+            lines.append(f'| {name} | {stream} | {ppl:.2f} | {100 * (ppl / ref_ppl - 1):+.2f}% | {100 * agreement:.1f}% |')
+            result[f'{name} {stream}'] = {'perplexity': ppl, 'top1_agreement': agreement}
+    tokens = sum(ids.numel() for ids in windows.values())
+    lines.append('')
+    lines.append(f'- {checkpoint}: {tokens} held-out tokens ({s.quality_windows} windows of {seq_len} per stream, '
+                 'teacher-forced); top-1 agreement: the share of positions whose argmax equals fp32\'s')
+    return '\n'.join(lines), result
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--quick', action='store_true', help='short runs (smoke test)')
+    parser.add_argument('--only', nargs='+', choices=SECTIONS, default=SECTIONS)
+    parser.add_argument('--checkpoint', type=Path, default=DEMO_CHECKPOINT, help='trained model for the quality table')
+    parser.add_argument('--json', type=Path)
+    args = parser.parse_args(argv)
+    s = QUICK if args.quick else FULL
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    torch.set_num_threads(THREADS)
+    start = time.perf_counter()
+    payload: dict = {'threads': THREADS, 'quick': args.quick}
+    if 'peak' in args.only or 'decode' in args.only:
+        log('measuring the matmul peaks and the matvec bandwidth')
+        notes, payload['peak'] = bench_peak()
+        print('\n'.join(f'- {n}' for n in notes))
+    if 'decode' in args.only:
+        bench, source = bench_config()
+        small = replace(bench, d_model=256, n_heads=4)
+        for label, config in ((source, bench), ('d_model 256, 4 layers', small)):
+            log(f'measuring batch-1 decoding on {label} ({time.perf_counter() - start:.0f}s so far)')
+            table, payload[f'decode {label}'] = bench_decode(config, s, payload['peak']['matvec_gbps'] * 1e9)
+            ffn = config.ffn_config
+            print(f'\n**Batch-1 greedy decoding**, {label}: d_model {config.d_model}, {config.n_layers} layers, '
+                  f'{ffn.moe_num_experts} experts top-{ffn.moe_top_k}, ffn {ffn.ffn_hidden_size}, vocab '
+                  f'{config.vocab_size}; {PROMPT_LEN}+{s.new_tokens} tokens, medians of {s.repeats} runs in turns\n')
+            print(table)
+    if 'quality' in args.only:
+        log(f'measuring quality on {args.checkpoint} ({time.perf_counter() - start:.0f}s so far)')
+        if not args.checkpoint.exists():
+            print(f'\n- quality: skipped, {args.checkpoint} does not exist (run `make demo` first)')
+        else:
+            table, payload['quality'] = bench_quality(args.checkpoint, s)
+            print(f'\n**Quality** (held-out perplexity and top-1 agreement with fp32)\n\n{table}')
+    print(f'\n- {THREADS} threads; ceiling = matvec bandwidth / bytes a step reads; timings on a shared machine are '
+          'noisy, so compare the ratios (measured side by side, in turns)')
+    log(f'done in {time.perf_counter() - start:.0f}s')
+    if args.json:
+        write_json(args.json, payload)
+
+
+if __name__ == '__main__':
+    sys.exit(main())
