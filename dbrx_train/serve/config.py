@@ -27,6 +27,9 @@ class ServeConfig:
     quantize: Quantization | None = None  # 'int8': weight-only int8 (dbrx_train/model/quantize.py)
     # Sequences decoded together in one step; more wait in the engine's queue.
     max_batch_size: int = 16
+    # Prompt tokens per prefill step: a longer prompt is prefilled in chunks, with a decoding step
+    # of the running sequences after each, so they are not stalled for the whole prompt.
+    prefill_chunk: int = 512
     # Completion requests in flight at once (queued or running); one more is refused with 429.
     max_concurrent_requests: int = 64
     max_request_bytes: int = 1 << 20
@@ -40,7 +43,7 @@ class ServeConfig:
             raise ConfigError('port', f'must be in 0..65535, got {self.port}')
         if self.api_key is not None and not self.api_key.strip():
             raise ConfigError('api_key', 'must not be empty (leave it out to disable authentication)')
-        for name in ('max_batch_size', 'max_concurrent_requests', 'max_request_bytes', 'default_max_tokens',
+        for name in ('max_batch_size', 'prefill_chunk', 'max_concurrent_requests', 'max_request_bytes', 'default_max_tokens',
                      'max_n', 'max_stop_strings'):
             if getattr(self, name) < 1:
                 raise ConfigError(name, f'must be at least 1, got {getattr(self, name)}')

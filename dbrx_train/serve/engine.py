@@ -2,7 +2,10 @@
 
 Sequences wait in a queue. Each step admits as many as there are free rows (their prompts are
 prefilled together, left-padded), then feeds every running row its last token (continuous
-batching: a row joins or leaves between any two steps). All rows share one `KVCache`, right-aligned:
+batching: a row joins or leaves between any two steps). Requests that arrive together (within
+`ARRIVAL_WINDOW_S` of each other while the engine is idle) are admitted together, so their
+prompts share one prefill; a prompt longer than `prefill_chunk` tokens is prefilled in chunks
+with a decoding step of the running rows after each, so a long prompt does not stall them. All rows share one `KVCache`, right-aligned:
 a row's padding sits on its left and the attention mask hides it, so rows of any length decode
 together. Finished rows leave and the cache is repacked, so its width stays the longest live row.
 
@@ -28,6 +31,9 @@ log = logging.getLogger(__name__)
 # Positions scored per LM-head call when a prompt's own tokens are scored: bounds the
 # (positions, vocab) float32 logits that exist at once.
 PROMPT_SCORE_CHUNK = 256
+# How long an idle engine waits for the next of a burst of requests before it prefills them:
+# clients that send at the same moment reach the engine a few milliseconds apart.
+ARRIVAL_WINDOW_S = 0.005
 
 
 @dataclass(frozen=True)
@@ -83,10 +89,11 @@ class _Sequence:
 
 
 class Engine:
-    def __init__(self, model, codec: TextCodec, max_batch_size: int = 16):
+    def __init__(self, model, codec: TextCodec, max_batch_size: int = 16, prefill_chunk: int = 512):
         self.model = model
         self.codec = codec
         self.max_batch_size = max_batch_size
+        self.prefill_chunk = prefill_chunk
         self.device = model.lm_head.weight.device
         self._inbox: queue.Queue[_Sequence | None] = queue.Queue()
         self._waiting: list[_Sequence] = []
@@ -172,14 +179,15 @@ class Engine:
             self._fail(seqs, f'{type(e).__name__}: {e}')
 
     def _take_inbox(self, block: bool) -> bool:
-        """Moves submitted sequences to the waiting list; False once `stop()` was called."""
+        """Moves submitted sequences to the waiting list; False once `stop()` was called. When
+        idle (`block`), it also takes whatever arrives within `ARRIVAL_WINDOW_S` of the last one."""
         try:
             item = self._inbox.get(block=block)
             while True:
                 if item is None:
                     return False
                 self._waiting.append(item)
-                item = self._inbox.get_nowait()
+                item = self._inbox.get(timeout=ARRIVAL_WINDOW_S) if block else self._inbox.get_nowait()
         except queue.Empty:
             return True
 
@@ -217,7 +225,16 @@ class Engine:
             mask[row, width - len(s.prompt) :] = True
         ids, mask = ids.to(self.device), mask.to(self.device)
         cache = KVCache.for_model(self.model, len(seqs), width)
-        hidden, _ = self.model.hidden_states(ids, None if bool(mask.all()) else mask, cache)
+        padded = not bool(mask.all())
+        scoring = any(s.params.prompt_logprobs for s in seqs)
+        parts = []
+        for start in range(0, width, self.prefill_chunk):
+            end = min(start + self.prefill_chunk, width)
+            hidden, _ = self.model.hidden_states(ids[:, start:end], mask[:, :end] if padded else None, cache)
+            parts.append(hidden if scoring or end == width else None)
+            if end < width and self._rows:  # the running rows take a step between chunks
+                self._step(self._decode, self._rows)
+        hidden = torch.cat(parts, dim=1) if scoring else parts[-1]
         prompt_scores = {row: self._score_prompt(hidden[row, width - len(s.prompt) :], s)
                          for row, s in enumerate(seqs) if s.params.prompt_logprobs}
         scoring_only = [row for row, s in enumerate(seqs) if s.params.max_tokens == 0]

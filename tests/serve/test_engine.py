@@ -144,3 +144,24 @@ def test_a_failing_step_fails_its_sequences_and_the_engine_goes_on(tiny_model, g
         assert tokens_of(outputs) == greedy(prompt, 3)
     finally:
         engine.stop()
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_between_decoding_steps(tiny_model, greedy, codec):
+    engine = Engine(tiny_model, codec, max_batch_size=4, prefill_chunk=4)
+    engine.start()
+    try:
+        sink = queue.Queue()
+        running, long = codec.encode('running'), codec.encode('a prompt of twenty tokens ' * 4)[:20]
+        engine.submit(running, SamplingParams(max_tokens=12, **GREEDY), sink.put, 0)
+        order = [sink.get(timeout=30)]  # the first sequence is decoding
+        engine.submit(long, SamplingParams(max_tokens=3, prompt_logprobs=True, **GREEDY), sink.put, 1)
+        while sum(out.finish_reason is not None for out in order) < 2:
+            order.append(sink.get(timeout=30))
+        first_of_long = next(i for i, out in enumerate(order) if out.index == 1)
+        assert first_of_long >= 1 + 4  # a decoding step after each of the first four of five chunks
+        assert tokens_of(o for o in order if o.index == 0) == greedy(running, 12)
+        assert tokens_of(o for o in order if o.index == 1) == greedy(long, 3)
+        scores = order[first_of_long].prompt_logprobs  # scored across the chunks
+        assert [s.token for s in scores] == long and scores[0].logprob is None
+    finally:
+        engine.stop()
