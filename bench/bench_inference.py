@@ -45,7 +45,7 @@ class Settings:
     quality_windows: int  # held-out windows of the checkpoint's max_seq_len per stream
 
 
-FULL = Settings(new_tokens=48, repeats=3, quality_windows=8)
+FULL = Settings(new_tokens=32, repeats=3, quality_windows=4)
 QUICK = Settings(new_tokens=8, repeats=1, quality_windows=1)
 
 

@@ -1,7 +1,8 @@
 """The server against transformers' `generate` on the same weights: generation tokens/s for one
 client and for concurrent clients, and time to first token.
 
-    .venv/bin/python bench/bench_serve.py [--quick] [--clients 8] [--new-tokens 64] [--dtype bfloat16] [--json PATH]
+    .venv/bin/python bench/bench_serve.py [--quick] [--clients 8] [--new-tokens 64] [--dtype bfloat16]
+                                          [--quantize int8] [--json PATH]
 
 The server is the real one (`python -m dbrx_train.serve`, its own process, on a checkpoint of the
 same weights), driven over HTTP by the official `openai` client: streaming, greedy, `ignore_eos` so
@@ -111,7 +112,7 @@ def hf_run(hf, batch_prompts: list[list[int]], new_tokens: int) -> Run:
 
 
 @contextlib.contextmanager
-def server_process(model, workdir: Path, max_batch_size: int, dtype: str):
+def server_process(model, workdir: Path, max_batch_size: int, dtype: str, quantize: str | None = None):
     """`python -m dbrx_train.serve` on a checkpoint of `model`; yields its URL once /health answers."""
     from dbrx_train.checkpoints import save_checkpoint
 
@@ -121,7 +122,9 @@ def server_process(model, workdir: Path, max_batch_size: int, dtype: str):
         port = sock.getsockname()[1]
     config = workdir / 'serve.yaml'
     config.write_text(f'checkpoint: {workdir / "model"}\nport: {port}\nmodel_name: bench\n'
-                      f'max_batch_size: {max_batch_size}\ndtype: {dtype}\n')
+                      f'max_batch_size: {max_batch_size}\n'
+                      # int8 computes in its own default dtype (bfloat16)
+                      + (f'quantize: {quantize}\n' if quantize else f'dtype: {dtype}\n'))
     server = subprocess.Popen([sys.executable, '-m', 'dbrx_train.serve', '--config', str(config)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f'http://127.0.0.1:{port}'
@@ -153,6 +156,7 @@ def main(argv=None) -> None:
     parser.add_argument('--clients', type=int, help='concurrent clients (default 8)')
     parser.add_argument('--new-tokens', type=int, help='tokens per request (default 64)')
     parser.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32', help='of both models')
+    parser.add_argument('--quantize', choices=('int8',), help="the server's weights (transformers keeps --dtype)")
     parser.add_argument('--json', help='also write the results here')
     args = parser.parse_args(argv)
     s = QUICK if args.quick else FULL
@@ -168,7 +172,7 @@ def main(argv=None) -> None:
     batch = prompts(s.clients)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix='bench-serve-') as tmp, \
-            server_process(ours, Path(tmp), s.clients, args.dtype) as url:
+            server_process(ours, Path(tmp), s.clients, args.dtype, args.quantize) as url:
         del ours  # the server process holds its own copy
         clients = ServerClients(url, s.clients, s.new_tokens)
         measure = {
@@ -205,7 +209,8 @@ def main(argv=None) -> None:
     print(format_table(rows))
     notes = [
         f'config: {source}; d_model {config.d_model}, {config.n_layers} layers, {config.ffn_config.moe_num_experts} '
-        f'experts top-{config.ffn_config.moe_top_k}, vocab {config.vocab_size}; {args.dtype}; '
+        f'experts top-{config.ffn_config.moe_top_k}, vocab {config.vocab_size}; {args.dtype}'
+        f'{f", server weights {args.quantize}" if args.quantize else ""}; '
         f'{torch.get_num_threads()} threads',
         f'each request: {PROMPT_LEN} prompt tokens + {s.new_tokens} generated, greedy; medians of {s.rounds} rounds',
         'server: `python -m dbrx_train.serve` in its own process, HTTP streaming through the openai client; '
