@@ -115,6 +115,8 @@ class TrainConfig:
         if self.max_seq_len is not None and self.max_seq_len > self.model.max_seq_len:
             raise ConfigError('max_seq_len', f'{self.max_seq_len} exceeds model.max_seq_len ({self.model.max_seq_len})')
         check_icl_seq_lens(self.icl_tasks or (), self.icl_seq_len, self.model.max_seq_len)
+        if self.model.quantization is not None:
+            raise ConfigError('model.quantization', 'quantized weights are for inference; train the float model')
         if self.autoresume and not self.save_folder:
             raise ConfigError('autoresume', 'needs save_folder (where to look for the latest checkpoint)')
         for section in ('optimizer', 'scheduler'):
