@@ -105,6 +105,7 @@ def test_expert_parallel_processes_match_one_process(tiny_corpus, reference, tmp
     tokens = torch.tensor([[100257, 1, 2, 3]])
     torch.testing.assert_close(ours(tokens), theirs(tokens), rtol=1e-3, atol=1e-3)
 
+
 def test_a_quantized_model_section_is_refused_for_training():
     from dbrx_train.errors import ConfigError
     from dbrx_train.training.config import TrainConfig
