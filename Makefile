@@ -20,13 +20,14 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m dbrx_train.demo
 
-# Each script prints a markdown table (see bench/README.md); about 25 minutes on 2 cores.
+# Each script prints a markdown table (see bench/README.md); about 29 minutes on 2 cores.
 bench: $(STAMP)
 	$(PY) bench/bench_model.py
 	$(PY) bench/bench_inference.py
 	$(PY) bench/bench_trainer.py
 	$(PY) bench/bench_serve.py
 	$(PY) bench/bench_curriculum.py
+	$(PY) bench/bench_expert_parallel.py
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info
