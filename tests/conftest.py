@@ -53,18 +53,6 @@ def streaming_shm():
 
 
 @pytest.fixture(autouse=True, scope='session')
-def _open_files_limit():
-    """Streaming keeps a file descriptor open for each shared-memory block of every dataset it has
-    built in a process (hundreds per dataset), and this suite builds many in one process: raise the
-    soft limit on open files to the hard one so the suite does not depend on the shell's default."""
-    import resource
-
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
-@pytest.fixture(autouse=True, scope='session')
 def _one_torch_thread():
     """Tiny test models gain nothing from intra-op threads, and the suite shares 2 cores."""
     import torch
