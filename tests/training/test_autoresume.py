@@ -32,6 +32,7 @@ def kill_when_paused(args: list[str], at: str, run_dir: Path, processes: int | N
     the run; returns its output (rank 0's: the launcher writes the other ranks' to run_dir/attempt-N/)."""
     attempt = run_dir / f'attempt-{len(list(run_dir.glob("attempt-*")))}'
     attempt.mkdir()
+    shared_memory_before = _shared_memory()
     flag = attempt / 'paused'
     with open(attempt / 'output.txt', 'w') as output:
         proc = launch(args, processes, attempt, env={PAUSE_ENV: f'{at},{flag}'}, stdout=output,
@@ -43,7 +44,19 @@ def kill_when_paused(args: list[str], at: str, run_dir: Path, processes: int | N
             time.sleep(0.05)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+    # A killed run cannot unlink its Streaming shared memory. Left behind, it makes every later
+    # Streaming dataset on this machine attach to it and hold descriptors open to the end of the
+    # process: enough of them ran later test sessions out of open files.
+    for name in _shared_memory() - shared_memory_before:
+        (SHARED_MEMORY / name).unlink(missing_ok=True)
     return (attempt / 'output.txt').read_text()
+
+
+SHARED_MEMORY = Path('/dev/shm')
+
+
+def _shared_memory() -> set[str]:
+    return set(os.listdir(SHARED_MEMORY)) if SHARED_MEMORY.is_dir() else set()
 
 
 def logged_since(metrics_file: Path, lines_before: int) -> dict[int, float]:
