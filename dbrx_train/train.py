@@ -15,9 +15,9 @@ if __name__ == '__main__' and sys.path and sys.path[0] == os.path.dirname(os.pat
 
 from composer.utils import dist  # noqa: E402
 
+from dbrx_train.checkpoints.autoresume import finished_at  # noqa: E402
 from dbrx_train.data import check_local_data  # noqa: E402
 from dbrx_train.errors import UserError, cli_entry  # noqa: E402
-from dbrx_train.checkpoints.autoresume import finished_at  # noqa: E402
 from dbrx_train.training.config import TrainConfig  # noqa: E402
 from dbrx_train.training.trainer import build_trainer  # noqa: E402
 from dbrx_train.typed_config import load_yaml, parse  # noqa: E402

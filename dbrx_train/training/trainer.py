@@ -19,15 +19,15 @@ from composer.distributed.fsdp2 import create_mixed_precision_policy
 from composer.utils import dist, reproducibility
 from composer.utils.parallelism import FSDP2Config
 
+from dbrx_train.checkpoints.autoresume import resume_checkpoint
 from dbrx_train.checkpoints.native import CONFIG_FILE, read_config, write_config
+from dbrx_train.checkpoints.saver import AtomicCheckpointSaver
 from dbrx_train.data import build_text_dataloader
 from dbrx_train.data.finetuning import build_finetuning_dataloader
 from dbrx_train.data.mixture import build_mixture_dataloader
 from dbrx_train.errors import ConfigError
 from dbrx_train.evaluation.icl import build_icl_evaluators
-from dbrx_train.checkpoints.autoresume import resume_checkpoint
 from dbrx_train.training.callbacks import MetricsFileLogger, MoEMonitor
-from dbrx_train.checkpoints.saver import AtomicCheckpointSaver
 from dbrx_train.training.composer_model import LM_METRICS, ComposerDbrx
 from dbrx_train.training.config import TrainConfig
 from dbrx_train.training.curriculum_monitor import CurriculumMonitor

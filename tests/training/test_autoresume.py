@@ -25,6 +25,7 @@ from dbrx_train.checkpoints.saver import PAUSE_ENV, STAGING
 from tests.training.conftest import curriculum_log, launch, losses, run, tiny_overrides
 
 STEPS = 6
+SHARED_MEMORY = Path('/dev/shm')
 
 
 def kill_when_paused(args: list[str], at: str, run_dir: Path, processes: int | None = None) -> str:
@@ -50,9 +51,6 @@ def kill_when_paused(args: list[str], at: str, run_dir: Path, processes: int | N
     for name in _shared_memory() - shared_memory_before:
         (SHARED_MEMORY / name).unlink(missing_ok=True)
     return (attempt / 'output.txt').read_text()
-
-
-SHARED_MEMORY = Path('/dev/shm')
 
 
 def _shared_memory() -> set[str]:
