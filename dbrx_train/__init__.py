@@ -1,7 +1,7 @@
 """dbrx_train: pretrain, fine-tune, evaluate and serve DBRX-style fine-grained MoE LLMs.
 
 Public names are imported on first use, so `import dbrx_train` stays cheap (no torch,
-Composer or Megablocks until something needs them).
+Composer until something needs them).
 """
 
 import importlib

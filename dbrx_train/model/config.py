@@ -11,7 +11,8 @@ from typing import Literal
 
 from dbrx_train.errors import ConfigError
 
-MoEBackendName = Literal['auto', 'torch', 'megablocks']
+# The backends that exist (dbrx_train/model/moe); 'auto' picks the best one that runs here.
+MoEBackendName = Literal['auto', 'torch']
 # Weight-only quantizations (dbrx_train/model/quantize.py).
 Quantization = Literal['int8']
 

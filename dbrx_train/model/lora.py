@@ -33,6 +33,7 @@ from torch.nn.utils import parametrize
 
 from dbrx_train.errors import ConfigError
 from dbrx_train.model.dbrx import DbrxLM
+from dbrx_train.model.moe import Experts, replace_experts
 
 LoraTarget = Literal['Wqkv', 'out_proj', 'w1', 'v1', 'w2']
 ATTENTION_TARGETS = ('Wqkv', 'out_proj')
@@ -98,23 +99,31 @@ def apply_lora(model: DbrxLM, config: LoraConfig) -> None:
     n_layers = model.config.n_layers
     check_layers(config.layers, n_layers, 'lora.layers')
     model.requires_grad_(False)
-    ffn = model.config.ffn_config
-    for i in range(n_layers) if config.layers is None else sorted(set(config.layers)):
-        block = model.blocks[i]
+    layers = range(n_layers) if config.layers is None else sorted(set(config.layers))
+    for i in layers:
         for target in config.targets:
             if target in ATTENTION_TARGETS:
-                module, name = getattr(block.attn, target), 'weight'
-                blocks, (out_features, in_features) = 1, module.weight.shape
-            else:
-                module, name = block.ffn.experts, target
-                blocks, out_features, in_features = ffn.moe_num_experts, ffn.ffn_hidden_size, model.config.d_model
-            base = getattr(module, name)
-            update = LowRankUpdate(blocks, out_features, in_features, config.r, config.alpha, base.device, base.dtype)
-            parametrize.register_parametrization(module, name, update)
+                _adapt(getattr(model.blocks[i].attn, target), 'weight', 1, config)
+
+    def adapt_experts(experts: Experts) -> Experts:
+        for target in config.targets:
+            if target in EXPERT_TARGETS:
+                _adapt(experts, target, experts.num_experts, config)
+        return experts  # adapted in place: the parametrization is registered on the module
+
+    replace_experts(model, adapt_experts, layers)
     if model.wte.weight.device.type != 'meta':
         with torch.no_grad():
             for tensor, value in initial_adapter_values(model, config.seed):
                 tensor.copy_(value)
+
+
+def _adapt(module: nn.Module, name: str, blocks: int, config: LoraConfig) -> None:
+    """Registers a `LowRankUpdate` on `module.<name>`, a `(blocks * out, in)` weight."""
+    base = getattr(module, name)
+    out_features, in_features = base.shape[0] // blocks, base.shape[1]
+    update = LowRankUpdate(blocks, out_features, in_features, config.r, config.alpha, base.device, base.dtype)
+    parametrize.register_parametrization(module, name, update)
 
 
 def adapters(model: nn.Module) -> Iterator[tuple[str, LowRankUpdate]]:

@@ -24,7 +24,7 @@ from torch import nn
 
 from dbrx_train.errors import ConfigError
 from dbrx_train.model.config import Quantization
-from dbrx_train.model.moe.base import Experts
+from dbrx_train.model.moe import Experts, GLUExperts, replace_experts
 from dbrx_train.model.moe.torch_dropless import ExpertFFN, dropless_moe
 
 QUANTIZATIONS: tuple[str, ...] = get_args(Quantization)
@@ -88,21 +88,20 @@ class Int8Linear(nn.Module):
         return f'in_features={self.in_features}, out_features={self.out_features}, int8'
 
 
-class Int8Experts(nn.Module):
+class Int8Experts(Experts):
     """The dropless GLU experts with int8 weights. `w1`/`v1` keep the float layout `(E * ffn, d)`
     (a row is an output channel); `w2` is stored per expert transposed, `(E * d, ffn)`, so that its
     output channels are rows too and every expert multiplies by a contiguous `(out, in)` block."""
 
     def __init__(self, d_model: int, ffn_hidden_size: int, num_experts: int, dtype: torch.dtype, device=None):
-        super().__init__()
-        self.d_model, self.ffn_hidden_size, self.num_experts = d_model, ffn_hidden_size, num_experts
+        super().__init__(d_model, ffn_hidden_size, num_experts)
         for name, rows, cols in (('w1', ffn_hidden_size, d_model), ('v1', ffn_hidden_size, d_model),
                                  ('w2', d_model, ffn_hidden_size)):
             self.register_buffer(name, torch.empty(num_experts * rows, cols, dtype=torch.int8, device=device))
             self.register_buffer(f'{name}_scales', torch.empty(num_experts * rows, dtype=dtype, device=device))
 
     @classmethod
-    def from_experts(cls, experts: Experts, empty: bool = False) -> 'Int8Experts':
+    def from_experts(cls, experts: GLUExperts, empty: bool = False) -> 'Int8Experts':
         e, ffn, d = experts.num_experts, experts.ffn_hidden_size, experts.d_model
         module = cls(d, ffn, e, experts.w1.dtype, experts.w1.device)
         if not empty:
@@ -128,7 +127,7 @@ class Int8Experts(nn.Module):
         return ffn_of
 
     def extra_repr(self) -> str:
-        return f'num_experts={self.num_experts}, d_model={self.d_model}, ffn_hidden_size={self.ffn_hidden_size}, int8'
+        return f'{super().extra_repr()}, int8'
 
 
 @torch.no_grad()
@@ -145,7 +144,7 @@ def quantize(model, method: str | None, empty: bool = False):
     for block in model.blocks:
         block.attn.Wqkv = Int8Linear.from_linear(block.attn.Wqkv, empty)
         block.attn.out_proj = Int8Linear.from_linear(block.attn.out_proj, empty)
-        block.ffn.experts = Int8Experts.from_experts(block.ffn.experts, empty)
+    replace_experts(model, lambda experts: Int8Experts.from_experts(experts, empty))
     model.lm_head = Int8Linear.from_linear(model.lm_head, empty)
     model.config = replace(model.config, quantization=method)
     return model

@@ -19,6 +19,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from dbrx_train.errors import ConfigError
 from dbrx_train.model.dbrx import DbrxLM
+from dbrx_train.model.moe import GLUExperts, replace_experts
 from dbrx_train.model.moe.expert_parallel import ExpertParallelExperts
 
 KEY = 'model.ffn_config.moe_world_size'
@@ -45,8 +46,10 @@ def parallelize_experts(model: DbrxLM, mesh: DeviceMesh, mp_policy: MixedPrecisi
 
     Call it on a model whose weights are the same on every rank, before the optimizer is built
     and before Composer applies FSDP2 (the parameters are replaced; their names stay)."""
-    for block in model.blocks:
-        experts = ExpertParallelExperts(block.ffn.experts, mesh['ep'])
-        fully_shard(experts, mesh=mesh['dp'], reshard_after_forward=reshard_after_forward,
+    def shard(experts: GLUExperts) -> ExpertParallelExperts:
+        parallel = ExpertParallelExperts(experts, mesh['ep'])
+        fully_shard(parallel, mesh=mesh['dp'], reshard_after_forward=reshard_after_forward,
                     mp_policy=mp_policy or MixedPrecisionPolicy())
-        block.ffn.experts = experts
+        return parallel
+
+    replace_experts(model, shard)

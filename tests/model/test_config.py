@@ -35,7 +35,8 @@ def with_changes(**changes):
     ({'n_heads': 5}, 'n_heads', 'must be divisible by n_heads'),
     ({'ffn_config__moe_top_k': 9}, 'ffn_config.moe_top_k', 'cannot exceed the number of experts'),
     ({'attn_config__kv_n_heads': 3}, 'attn_config.kv_n_heads', 'must be divisible by kv_n_heads'),
-    ({'moe_backend': 'megablock'}, 'moe_backend', "did you mean 'megablocks'"),
+    ({'moe_backend': 'troch'}, 'moe_backend', "did you mean 'torch'"),
+    ({'moe_backend': 'megablocks'}, 'moe_backend', "must be one of 'auto', 'torch'"),  # not a backend yet
     ({'ffn_config__moe_world_size': 3}, 'ffn_config.moe_world_size', 'moe_num_experts (8) is not divisible by 3'),
     ({'ffn_config__moe_world_size': 0}, 'ffn_config.moe_world_size', 'must be at least 1'),
 ])

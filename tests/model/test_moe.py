@@ -6,7 +6,8 @@ import torch.nn.functional as F
 
 from dbrx_train.model import loss as loss_module
 from dbrx_train.model.config import FFNConfig, ModelConfig
-from dbrx_train.model.dbrx import MoE
+from dbrx_train.model.dbrx import DbrxLM, MoE
+from dbrx_train.model.moe import TorchDroplessExperts, replace_experts
 from dbrx_train.model.loss import linear_cross_entropy, load_balancing_loss
 
 D_MODEL, FFN, EXPERTS = 32, 24, 16
@@ -46,6 +47,31 @@ def test_grouped_experts_match_per_token_reference(top_k, p):
     out, stats = moe(x)
     torch.testing.assert_close(out, reference_moe(moe, x), atol=1e-5, rtol=1e-5)
     assert stats.tokens_per_expert.sum() == 37 * top_k  # every token reached all of its top_k experts
+
+
+def tiny_lm(n_layers=3) -> DbrxLM:
+    return DbrxLM(ModelConfig(d_model=D_MODEL, n_heads=4, n_layers=n_layers, max_seq_len=16, vocab_size=64,
+                              ffn_config=FFNConfig(ffn_hidden_size=FFN, moe_num_experts=EXPERTS, moe_top_k=2)))
+
+
+def test_replace_experts_swaps_the_blocks_it_is_given():
+    model = tiny_lm()
+    before = [block.ffn.experts for block in model.blocks]
+    replace_experts(model, lambda old: TorchDroplessExperts(old.d_model, old.ffn_hidden_size, old.num_experts),
+                    layers=[0, 2])
+    after = [block.ffn.experts for block in model.blocks]
+    assert after[1] is before[1]
+    assert after[0] is not before[0] and after[2] is not before[2]
+    assert all(isinstance(e, TorchDroplessExperts) for e in after)
+
+
+def test_replace_experts_refuses_a_module_that_does_not_fit():
+    model = tiny_lm(n_layers=1)
+    with pytest.raises(TypeError, match='block 0: Linear is not an Experts module'):
+        replace_experts(model, lambda old: torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match='block 0: .*num_experts=8.* replaces experts of other sizes'):
+        replace_experts(model, lambda old: TorchDroplessExperts(old.d_model, old.ffn_hidden_size, 8))
+    assert isinstance(model.blocks[0].ffn.experts, TorchDroplessExperts)
 
 
 def test_no_token_dropped_when_all_tokens_route_to_one_expert():

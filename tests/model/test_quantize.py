@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from tests.model.conftest import tiny_dbrx
 from dbrx_train.errors import ConfigError
+from dbrx_train.model.moe import Experts
 from dbrx_train.model.quantize import Int8Experts, Int8Linear, int8_linear, quantize, quantize_rows
 
 VOCAB = 96
@@ -88,7 +89,7 @@ def test_quantize_replaces_every_matrix_a_token_multiplies_by(dense_routing_mode
     assert isinstance(model.lm_head, Int8Linear)
     for block in model.blocks:
         assert isinstance(block.attn.Wqkv, Int8Linear) and isinstance(block.attn.out_proj, Int8Linear)
-        assert isinstance(block.ffn.experts, Int8Experts)
+        assert isinstance(block.ffn.experts, Int8Experts) and isinstance(block.ffn.experts, Experts)
         assert block.ffn.router.weight.dtype == torch.bfloat16  # the router stays in float
     int8 = [name for name, t in model.state_dict().items() if t.dtype == torch.int8]
     assert len(int8) == 1 + 2 * 2 + 3 * 2  # lm_head, Wqkv + out_proj and w1/v1/w2 per layer

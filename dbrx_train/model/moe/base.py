@@ -1,8 +1,12 @@
 """The seam between the router and the expert computation.
 
-Every backend holds the same parameters, `w1`, `v1` and `w2`, each `(E * ffn_hidden_size, d_model)`:
-the layout transformers' `DbrxExpertGLU` and Megablocks' GLU share, so weights copy across
-backends and checkpoints without transposes. A backend only decides how the tokens reach them.
+`Experts` is the slot every MoE layer holds (`block.ffn.experts`): it knows its sizes and maps
+routed tokens to their weighted expert outputs. How the weights are stored is the subclass's
+business: `GLUExperts` holds them as float parameters `w1`, `v1` and `w2`, each
+`(E * ffn_hidden_size, d_model)`, the layout transformers' `DbrxExpertGLU` and Megablocks' GLU
+share, so weights copy across backends and checkpoints without transposes; the float backends
+only decide how the tokens reach them. Quantized experts (`dbrx_train.model.quantize`) store
+integer buffers instead and are loaded, never initialised.
 """
 
 from __future__ import annotations
@@ -12,13 +16,31 @@ from torch import nn
 
 
 class Experts(nn.Module):
-    """GLU experts: `expert_e(x) = (silu(x @ w1[e].T) * (x @ v1[e].T)) @ w2[e]`."""
+    """GLU experts: `expert_e(x) = (silu(x @ w1[e].T) * (x @ v1[e].T)) @ w2[e]`, however stored."""
 
-    def __init__(self, d_model: int, ffn_hidden_size: int, num_experts: int, device=None, dtype=None):
+    def __init__(self, d_model: int, ffn_hidden_size: int, num_experts: int):
         super().__init__()
         self.d_model = d_model
         self.ffn_hidden_size = ffn_hidden_size
         self.num_experts = num_experts
+
+    def init_weights(self, std: float, out_std: float) -> None:
+        raise TypeError(f'{type(self).__name__} has no initialisation: its weights are loaded from a checkpoint')
+
+    def forward(self, x: torch.Tensor, top_weights: torch.Tensor, top_experts: torch.Tensor) -> torch.Tensor:
+        """x `(tokens, d_model)`; top_weights/top_experts `(tokens, top_k)`: the weighted sum of each
+        token's experts' outputs, `(tokens, d_model)`."""
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f'num_experts={self.num_experts}, d_model={self.d_model}, ffn_hidden_size={self.ffn_hidden_size}'
+
+
+class GLUExperts(Experts):
+    """Experts whose weights are the float parameters `w1`, `v1`, `w2` (trainable)."""
+
+    def __init__(self, d_model: int, ffn_hidden_size: int, num_experts: int, device=None, dtype=None):
+        super().__init__(d_model, ffn_hidden_size, num_experts)
         shape = (num_experts * ffn_hidden_size, d_model)
         self.w1 = nn.Parameter(torch.empty(shape, device=device, dtype=dtype))
         self.v1 = nn.Parameter(torch.empty(shape, device=device, dtype=dtype))
@@ -28,11 +50,3 @@ class Experts(nn.Module):
         nn.init.normal_(self.w1, std=std)
         nn.init.normal_(self.v1, std=std)
         nn.init.normal_(self.w2, std=out_std)
-
-    def forward(self, x: torch.Tensor, top_weights: torch.Tensor, top_experts: torch.Tensor) -> torch.Tensor:
-        """x `(tokens, d_model)`; top_weights/top_experts `(tokens, top_k)`: the weighted sum of each
-        token's experts' outputs, `(tokens, d_model)`."""
-        raise NotImplementedError
-
-    def extra_repr(self) -> str:
-        return f'num_experts={self.num_experts}, d_model={self.d_model}, ffn_hidden_size={self.ffn_hidden_size}'

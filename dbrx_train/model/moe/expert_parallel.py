@@ -26,14 +26,14 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.nn.functional import all_to_all_single
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
-from dbrx_train.model.moe.base import Experts
-from dbrx_train.model.moe.torch_dropless import combine, grouped_experts, sort_by_expert
+from dbrx_train.model.moe.base import GLUExperts
+from dbrx_train.model.moe.torch_dropless import combine, grouped_glu, sort_by_expert
 
 WEIGHTS = ('w1', 'v1', 'w2')
 
 
-class ExpertParallelExperts(Experts):
-    def __init__(self, experts: Experts, mesh: DeviceMesh):
+class ExpertParallelExperts(GLUExperts):
+    def __init__(self, experts: GLUExperts, mesh: DeviceMesh):
         """This rank's experts of `experts` (whose parameters every rank holds in full, with the same
         values) over the 1-D expert-parallel `mesh`."""
         if experts.num_experts % mesh.size():
@@ -65,7 +65,7 @@ class ExpertParallelExperts(Experts):
             received_per_expert, output_size=sum(recv_splits))
         by_expert = torch.argsort(expert_of_row, stable=True)
         weights = [_ScaleGrad.apply(_local(getattr(self, name)), 1.0 / ranks) for name in WEIGHTS]
-        out = grouped_experts(rows[by_expert], [sum(col) for col in zip(*received)], *weights)
+        out = grouped_glu(rows[by_expert], [sum(col) for col in zip(*received)], *weights)
         out = out[torch.argsort(by_expert)]
         expert_out = _all_to_all(out, send_splits, recv_splits, group)
         self._count_traffic(send_splits, recv_splits, rows, expert_out)

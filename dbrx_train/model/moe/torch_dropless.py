@@ -1,12 +1,20 @@
 """Dropless MoE in plain PyTorch: runs anywhere (CPU, GPU, meta).
 
+Names used here and in the other backends:
+
+    tokens        the flattened `(batch * seq)` inputs; `x` is `(tokens, d_model)`
+    slot          one of a token's `top_k` choices; `top_experts`/`top_weights` are `(tokens, top_k)`
+    row           one (token, slot) pair: the unit an expert multiplies; `tokens * top_k` rows in all
+    E, e          `num_experts`, an expert's index; `rows_per_expert` `(E,)` counts each one's rows
+    ffn           `ffn_hidden_size`, the width of one expert; `w1`/`v1`/`w2` are `(E * ffn, d_model)`
+
 Each (token, expert) assignment is sorted by expert, every expert multiplies exactly the rows
 routed to it (no capacity factor, no padding, no dense mask over all experts), and the weighted
 results are scattered back. A token's output depends only on that token.
 
 `dropless_moe` is the routing alone, given one expert's feed-forward as a function: the float
 experts here and the quantized ones (`dbrx_train.model.quantize`) share it; the expert-parallel
-backend shares its pieces (`sort_by_expert`, `grouped_experts`, `combine`).
+backend shares its pieces (`sort_by_expert`, `grouped_glu`, `combine`).
 """
 
 from __future__ import annotations
@@ -16,12 +24,12 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from dbrx_train.model.moe.base import Experts
+from dbrx_train.model.moe.base import GLUExperts
 
 ExpertFFN = Callable[[int, torch.Tensor], torch.Tensor]  # (expert, its rows) -> its outputs
 
 
-class TorchDroplessExperts(Experts):
+class TorchDroplessExperts(GLUExperts):
     def forward(self, x: torch.Tensor, top_weights: torch.Tensor, top_experts: torch.Tensor) -> torch.Tensor:
         return dropless_moe(x, top_weights, top_experts, self.num_experts,
                             glu_ffn(self.w1, self.v1, self.w2, self.num_experts))
@@ -53,11 +61,11 @@ def sort_by_expert(top_experts: torch.Tensor, num_experts: int) -> tuple[torch.T
     return order, order // top_experts.shape[-1], torch.bincount(flat_experts, minlength=num_experts)
 
 
-def glu_ffn(w1: torch.Tensor, v1: torch.Tensor, w2: torch.Tensor, experts: int) -> ExpertFFN:
-    """Expert `e`'s GLU, for `w1`, `v1`, `w2` holding `experts` experts as `(experts * ffn_hidden_size, d_model)`."""
+def glu_ffn(w1: torch.Tensor, v1: torch.Tensor, w2: torch.Tensor, num_experts: int) -> ExpertFFN:
+    """Expert `e`'s GLU, for `w1`, `v1`, `w2` holding `num_experts` experts as `(num_experts * ffn, d_model)`."""
     # Under autocast autograd's own ops keep the casts right; otherwise the GLU saves less.
     glu = _glu if torch.is_autocast_enabled(w1.device.type) else _GLU.apply
-    w1, v1, w2 = (w.view(experts, -1, w.shape[-1]) for w in (w1, v1, w2))
+    w1, v1, w2 = (w.view(num_experts, -1, w.shape[-1]) for w in (w1, v1, w2))
     if torch.is_grad_enabled() and w1.requires_grad:
         # unbind, not w1[e]: each select's backward would write a zero-filled full-size gradient.
         w1, v1, w2 = w1.unbind(0), v1.unbind(0), w2.unbind(0)
@@ -74,10 +82,10 @@ def run_grouped(rows: torch.Tensor, rows_per_expert: list[int], expert_ffn: Expe
     return torch.cat(outputs)
 
 
-def grouped_experts(rows: torch.Tensor, rows_per_expert: list[int], w1: torch.Tensor, v1: torch.Tensor,
-                    w2: torch.Tensor) -> torch.Tensor:
+def grouped_glu(rows: torch.Tensor, rows_per_expert: list[int], w1: torch.Tensor, v1: torch.Tensor,
+                w2: torch.Tensor) -> torch.Tensor:
     """Each expert's GLU on its block of `rows` (sorted by expert); `w1`, `v1`, `w2` hold the
-    `len(rows_per_expert)` experts as `(experts * ffn_hidden_size, d_model)`."""
+    `len(rows_per_expert)` experts as `(E * ffn, d_model)`."""
     return run_grouped(rows, rows_per_expert, glu_ffn(w1, v1, w2, len(rows_per_expert)))
 
 
