@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from dbrx_train.checkpoints.composer import load_composer_checkpoint
+from dbrx_train.checkpoints import load_pretrained
 from dbrx_train.data import make_embedded_corpus
 from dbrx_train.errors import UserError, cli_entry
 from dbrx_train.tokenizer import get_encoding
@@ -78,7 +78,7 @@ def training_summary(metrics_file: Path, window: int = 10) -> str:
 
 
 def show_samples(save_folder: str) -> None:
-    model = load_composer_checkpoint(save_folder)
+    model = load_pretrained(save_folder)
     encoding = get_encoding()
     generator = torch.Generator().manual_seed(0)
     for prompt in PROMPTS:

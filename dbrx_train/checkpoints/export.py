@@ -22,25 +22,15 @@ import itertools
 import json
 import logging
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
-from dbrx_train.checkpoints.composer import check_stored_shapes, resolve, stored_model_tensors
-from dbrx_train.checkpoints.formats import COMPOSER, open_saved
+from dbrx_train.checkpoints.formats import NamedTensors, open_saved
 from dbrx_train.checkpoints.hf import hf_config, hf_names
-from dbrx_train.checkpoints.storage import (
-    DEFAULT_MAX_SHARD_BYTES,
-    atomic_directory,
-    expected_shapes,
-    stream_tensors,
-    write_weights,
-)
+from dbrx_train.checkpoints.storage import DEFAULT_MAX_SHARD_BYTES, atomic_directory, write_weights
 from dbrx_train.errors import UserError
 from dbrx_train.model.config import ModelConfig
-from dbrx_train.model.lora import merged_weight, split_adapted_name
 from dbrx_train.tokenizer import (
     CHATML_TEMPLATE,
     EOS_TOKEN,
@@ -56,41 +46,15 @@ from dbrx_train.tokenizer import (
 log = logging.getLogger(__name__)
 
 DTYPES = {'auto': None, 'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
-NamedTensors = Iterator[tuple[str, torch.Tensor]]
 
 
 # ---------------------------------------------------------------- reading sources
 
 
 def source_tensors(source: str | Path) -> tuple[ModelConfig, NamedTensors]:
-    """The model config of `source` and its weights under plain `DbrxLM` names, one at a time."""
+    """The model config of `source` and its weights under plain `DbrxLM` names (LoRA merged), one at a time."""
     saved = open_saved(source)
-    if saved.format is COMPOSER:
-        return saved.config, _composer_tensors(saved.path, saved.config)
-    return saved.config, stream_tensors(saved.index(), desc='exporting')
-
-
-def _composer_tensors(source: Path, config: ModelConfig) -> NamedTensors:
-    """Base tensors merged with their LoRA factors, if any, as `merge_lora` would."""
-    checkpoint = resolve(source)
-    shapes, read = stored_model_tensors(checkpoint)
-    parts: dict[str, dict[str, str]] = {}  # plain name -> part ('weight', 'lora_A', ...) -> stored name
-    for name in shapes:
-        plain, part = split_adapted_name(name)
-        parts.setdefault(plain, {})[part] = name
-    expected = expected_shapes(config)
-    base_shapes = {plain: shapes[names['weight']] for plain, names in parts.items() if 'weight' in names}
-    check_stored_shapes(checkpoint, base_shapes, expected)
-    return _merged(expected, parts, read)
-
-
-def _merged(names, parts: dict[str, dict[str, str]], read) -> NamedTensors:
-    for name in tqdm(names, desc='exporting', unit='tensor', disable=None):
-        weight = read(parts[name]['weight'])
-        if 'lora_A' in parts[name]:
-            adapter = [read(parts[name][part]) for part in ('lora_A', 'lora_B', 'scale')]
-            weight = merged_weight(weight.float(), *(t.float() for t in adapter)).to(weight.dtype)
-        yield name, weight
+    return saved.config, saved.tensors(desc='exporting')
 
 
 # ---------------------------------------------------------------- writing

@@ -6,27 +6,127 @@
     transformers DBRX directory    config.json + safetensors                `hf`
 
 `open_saved(path)` tells the format from the files present and reads the model config (no
-weights). The `SavedModel` it returns indexes a safetensors format's tensors under this project's
-names, for the readers that stream a model tensor by tensor (`training.finetune` filling a sharded
-model, `export`); a Composer checkpoint is read through `composer.stored_model_tensors` instead.
+weights). The `SavedModel` it returns reads the weights under this project's names, whatever the
+format, with a LoRA run's adapters merged into them:
+- `tensors()` streams them one at a time (`export`);
+- `load_into(targets)` fills tensors in place, each rank reading only the part of a sharded
+  (DTensor) target it holds (`training.finetune`'s `init_from`);
+- `load(device, dtype)` builds the `DbrxLM` (`load_pretrained`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+from tqdm import tqdm
 
-from dbrx_train.checkpoints.composer import is_composer_checkpoint, load_composer_checkpoint, read_model_config
-from dbrx_train.checkpoints.hf import HF_CONFIG_FILE, hf_names, load_hf, model_config_from_hf
-from dbrx_train.checkpoints.native import CONFIG_FILE, load_checkpoint, read_config
-from dbrx_train.checkpoints.storage import StoredTensor, index_tensors
+from dbrx_train.checkpoints.composer import (
+    MODEL_PREFIX,
+    ComposerTensors,
+    is_composer_checkpoint,
+    load_sharded,
+    read_model_config,
+)
+from dbrx_train.checkpoints.hf import hf_names, is_hf_directory, model_config_from_hf
+from dbrx_train.checkpoints.native import is_native_checkpoint, read_config
+from dbrx_train.checkpoints.storage import StoredTensor, index_tensors, materialize, stream_tensors
 from dbrx_train.errors import CheckpointError
 from dbrx_train.model.config import ModelConfig
 from dbrx_train.model.dbrx import DbrxLM
 from dbrx_train.model.quantize import quantize as quantize_model
+
+NamedTensors = Iterator[tuple[str, torch.Tensor]]
+
+
+class SavedModel(ABC):
+    """A model saved at `path` in `format`, with its `config`; the weights are read on demand."""
+
+    def __init__(self, path: Path, format: Format, config: ModelConfig):
+        self.path, self.format, self.config = path, format, config
+
+    @abstractmethod
+    def tensors(self, desc: str = 'reading') -> NamedTensors:
+        """Every tensor of the model as `(DbrxLM state-dict name, tensor)`, one at a time, checked
+        against the config (names and shapes) before the first is read."""
+
+    @abstractmethod
+    def load_into(self, targets: dict[str, torch.Tensor], desc: str = 'loading') -> None:
+        """Copies each named tensor into `targets[name]` in place; of a DTensor, only this rank's part."""
+
+    @abstractmethod
+    def load(self, device='cpu', dtype: torch.dtype | None = None) -> DbrxLM:
+        """The model on `device` in eval mode; `dtype` None keeps the stored dtype."""
+
+
+class SafetensorsModel(SavedModel):
+    """A directory of safetensors files; `stored_names` maps our tensor names to the files' names."""
+
+    def stored_names(self) -> dict[str, str]:
+        return {}  # the same names
+
+    def index(self) -> dict[str, StoredTensor]:
+        return index_tensors(self.path, self.config, self.stored_names())
+
+    def tensors(self, desc: str = 'reading') -> NamedTensors:
+        return stream_tensors(self.index(), desc=desc)
+
+    def load_into(self, targets: dict[str, torch.Tensor], desc: str = 'loading') -> None:
+        index = self.index()
+        by_file: dict[Path, list[str]] = {}
+        for name in targets:
+            by_file.setdefault(index[name].file, []).append(name)
+        with torch.no_grad(), tqdm(total=len(targets), desc=desc, unit='tensor', disable=None) as progress:
+            for file, names in by_file.items():
+                with safe_open(file, framework='pt', device='cpu') as f:
+                    for name in names:
+                        target = targets[name]
+                        local_part(target).copy_(f.get_slice(index[name].key)[local_region(target)])
+                        progress.update()
+
+    def load(self, device='cpu', dtype: torch.dtype | None = None) -> DbrxLM:
+        return materialize(self.config, self.index(), device, dtype)
+
+
+class TransformersModel(SafetensorsModel):
+    def stored_names(self) -> dict[str, str]:
+        return hf_names(self.config.n_layers)
+
+
+class ComposerCheckpoint(SavedModel):
+    """A Composer checkpoint of `train.py`: a save_folder (its latest checkpoint) or one checkpoint."""
+
+    def tensors(self, desc: str = 'reading') -> NamedTensors:
+        source = ComposerTensors(self.path, self.config)
+        return iter(tqdm(source, desc=desc, total=len(source.shapes), unit='tensor', disable=None))
+
+    def load_into(self, targets: dict[str, torch.Tensor], desc: str = 'loading') -> None:
+        source = ComposerTensors(self.path, self.config)
+        for name, target in targets.items():
+            if tuple(target.shape) != source.shapes[name]:
+                raise CheckpointError(f'{source.checkpoint}: tensor {name} has shape {source.shapes[name]}, the '
+                                      f'model needs {tuple(target.shape)}')
+        read_in_place = {name for name in targets if source.sharded and not source.is_adapted(name)}
+        if read_in_place:
+            # DCP reads each rank's shard of every target, in place.
+            load_sharded({MODEL_PREFIX + source.stored_name(name): targets[name] for name in read_in_place},
+                         source.checkpoint, collective=True)
+        with torch.no_grad():
+            # Merged adapters and full checkpoints (one pickle) have no partial reading.
+            for name in tqdm([n for n in targets if n not in read_in_place], desc=desc, unit='tensor', disable=None):
+                target = targets[name]
+                local_part(target).copy_(source.read(name)[local_region(target)])
+
+    def load(self, device='cpu', dtype: torch.dtype | None = None) -> DbrxLM:
+        model = DbrxLM(self.config, device='meta').to_empty(device='cpu')
+        model.load_state_dict(dict(ComposerTensors(self.path, self.config)), strict=True)
+        return model.to(device=device, dtype=dtype).eval()
 
 
 @dataclass(frozen=True)
@@ -35,38 +135,17 @@ class Format:
     looks_like: str  # for the error when nothing matches
     matches: Callable[[Path], bool]
     read_config: Callable[[Path], ModelConfig]
-    load: Callable[[Path, object, torch.dtype | None], DbrxLM]
-    # Our tensor names -> the names in its safetensors files; None: not a safetensors format.
-    stored_names: Callable[[ModelConfig], dict[str, str]] | None
-
-
-def _has(marker: str) -> Callable[[Path], bool]:
-    return lambda path: (path / marker).is_file()
+    opens_as: type[SavedModel]
 
 
 # The first match wins: a Composer save_folder also holds the config.yaml of its model.
-FORMATS = (
-    Format('Composer training checkpoint', 'a save_folder, ep*-ba*/ or *.pt', is_composer_checkpoint,
-           read_model_config, load_composer_checkpoint, None),
-    Format('dbrx_train checkpoint', CONFIG_FILE, _has(CONFIG_FILE), read_config, load_checkpoint, lambda config: {}),
-    Format('transformers DBRX directory', HF_CONFIG_FILE, _has(HF_CONFIG_FILE), model_config_from_hf, load_hf,
-           lambda config: hf_names(config.n_layers)),
-)
-COMPOSER, NATIVE, HF = FORMATS
-
-
-@dataclass(frozen=True)
-class SavedModel:
-    path: Path
-    format: Format
-    config: ModelConfig
-
-    def index(self) -> dict[str, StoredTensor]:
-        """Where each tensor lies, by model name, checked against the config (names and shapes)
-        before anything is read. Safetensors formats only."""
-        if self.format.stored_names is None:
-            raise TypeError(f'a {self.format.name} has no safetensors index')
-        return index_tensors(self.path, self.config, self.format.stored_names(self.config))
+COMPOSER = Format(name='Composer training checkpoint', looks_like='a save_folder, ep*-ba*/ or *.pt',
+                  matches=is_composer_checkpoint, read_config=read_model_config, opens_as=ComposerCheckpoint)
+NATIVE = Format(name='dbrx_train checkpoint', looks_like='config.yaml + safetensors', matches=is_native_checkpoint,
+                read_config=read_config, opens_as=SafetensorsModel)
+HF = Format(name='transformers DBRX directory', looks_like='config.json + safetensors', matches=is_hf_directory,
+            read_config=model_config_from_hf, opens_as=TransformersModel)
+FORMATS = (COMPOSER, NATIVE, HF)
 
 
 def detect_format(path: str | Path) -> Format:
@@ -84,14 +163,29 @@ def open_saved(path: str | Path) -> SavedModel:
     """The format and model config of the model saved at `path`, without reading its weights."""
     path = Path(path)
     kind = detect_format(path)
-    return SavedModel(path, kind, kind.read_config(path))
+    return kind.opens_as(path, kind, kind.read_config(path))
 
 
 def load_pretrained(path: str | Path, device='cpu', dtype: torch.dtype | None = None,
                     quantize: str | None = None) -> DbrxLM:
-    """The model saved at `path` (any format above), on `device`, in eval mode. `dtype` None keeps
-    the stored dtype, except that `quantize` ('int8', see `dbrx_train.model.quantize`) computes in
-    bfloat16 unless told otherwise: torch's int8 CPU kernel is fast only with 16-bit activations."""
+    """The model saved at `path` (any format above, LoRA adapters merged), on `device`, in eval mode.
+    `dtype` None keeps the stored dtype, except that `quantize` ('int8', see
+    `dbrx_train.model.quantize`) computes in bfloat16 unless told otherwise: torch's int8 CPU kernel
+    is fast only with 16-bit activations."""
     if quantize is not None and dtype is None:
         dtype = torch.bfloat16
-    return quantize_model(detect_format(path).load(Path(path), device, dtype), quantize).eval()
+    return quantize_model(open_saved(path).load(device, dtype), quantize).eval()
+
+
+def local_part(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of `tensor`: the local shard of a DTensor (FSDP2), else the tensor itself."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def local_region(tensor: torch.Tensor) -> tuple[slice, ...]:
+    """Where this rank's part of `tensor` lies in the full tensor."""
+    if isinstance(tensor, DTensor):
+        shape, offset = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh, tensor.placements)
+    else:
+        shape, offset = tensor.shape, (0,) * tensor.dim()
+    return tuple(slice(start, start + size) for start, size in zip(offset, shape))

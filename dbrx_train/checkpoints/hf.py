@@ -83,6 +83,10 @@ def _shared_config_values(config) -> dict:
     return values
 
 
+def is_hf_directory(path: str | Path) -> bool:
+    return (Path(path) / HF_CONFIG_FILE).is_file()
+
+
 def model_config_from_hf(hf_dir: str | Path) -> ModelConfig:
     """Our `ModelConfig` from a transformers DBRX `config.json` (transformers' defaults fill gaps)."""
     path = Path(hf_dir) / HF_CONFIG_FILE

@@ -29,6 +29,10 @@ from dbrx_train.typed_config import load_yaml, parse, to_dict
 CONFIG_FILE = 'config.yaml'
 
 
+def is_native_checkpoint(path: str | Path) -> bool:
+    return (Path(path) / CONFIG_FILE).is_file()
+
+
 def read_config(directory: str | Path) -> ModelConfig:
     path = Path(directory) / CONFIG_FILE
     if not path.is_file():

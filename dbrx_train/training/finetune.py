@@ -20,17 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.distributed as torch_dist
-import torch.distributed.checkpoint as dcp
-from safetensors import safe_open
-from torch import nn
-from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-from tqdm import tqdm
 
-from dbrx_train.checkpoints.composer import MODEL_PREFIX, resolve, stored_model_tensors
-from dbrx_train.checkpoints.formats import COMPOSER, open_saved
-from dbrx_train.checkpoints.storage import StoredTensor
-from dbrx_train.errors import CheckpointError, ConfigError
+from dbrx_train.checkpoints.formats import local_part, local_region, open_saved
+from dbrx_train.errors import ConfigError
 from dbrx_train.model.config import ModelConfig
 from dbrx_train.model.dbrx import DbrxLM
 from dbrx_train.model.lora import LoraConfig, apply_lora, base_parameters, check_layers, initial_adapter_values
@@ -121,7 +113,7 @@ def start_from_pretrained(trainer, init_from: str | None, lora: LoraConfig | Non
         # Composer may have materialised the adapters from meta without initialising them.
         with torch.no_grad():
             for tensor, value in initial_adapter_values(model, lora.seed):
-                _local(tensor).copy_(value[_local_region(tensor)])
+                local_part(tensor).copy_(value[local_region(tensor)])
 
 
 def check_init_from(init_from: str | None, config: ModelConfig) -> None:
@@ -135,56 +127,5 @@ def load_initial_weights(model: DbrxLM, source: str | Path) -> None:
     saved = open_saved(source)
     check_compatible(model.config, saved.config, saved.path)
     targets = base_parameters(model)
-    if saved.format is COMPOSER:
-        _load_composer(targets, saved.path)
-    else:
-        _load_slices(targets, saved.index())
+    saved.load_into(targets, desc='loading init_from')
     log.info('loaded %d tensors from %s (%s)', len(targets), saved.path, saved.format.name)
-
-
-def _load_slices(targets: dict[str, nn.Parameter], index: dict[str, StoredTensor]) -> None:
-    """Each rank reads, file by file, only the part of each tensor that it holds."""
-    by_file: dict[Path, list[str]] = {}
-    for name, stored in index.items():
-        by_file.setdefault(stored.file, []).append(name)
-    with torch.no_grad(), tqdm(total=len(index), desc='loading init_from', unit='tensor', disable=None) as progress:
-        for file, names in by_file.items():
-            with safe_open(file, framework='pt', device='cpu') as f:
-                for name in names:
-                    param = targets[name]
-                    _local(param).copy_(f.get_slice(index[name].key)[_local_region(param)])
-                    progress.update()
-
-
-def _load_composer(targets: dict[str, nn.Parameter], source: Path) -> None:
-    checkpoint = resolve(source)
-    shapes, read = stored_model_tensors(checkpoint)
-    for name, param in targets.items():  # a run's adapters and extras may be there too: not checked
-        if name not in shapes:
-            raise CheckpointError(f'{checkpoint}: tensor {name} is missing')
-        if shapes[name] != tuple(param.shape):
-            raise CheckpointError(f'{checkpoint}: tensor {name} has shape {shapes[name]}, the config needs '
-                                  f'{tuple(param.shape)}')
-    if checkpoint.is_dir():
-        # DCP reads into each rank's shard of every target, in place.
-        dcp.load({MODEL_PREFIX + name: param for name, param in targets.items()}, checkpoint_id=str(checkpoint),
-                 no_dist=not torch_dist.is_initialized())
-        return
-    # A full checkpoint is one pickle of the whole model: there is no reading it in part.
-    with torch.no_grad():
-        for name, param in targets.items():
-            _local(param).copy_(read(name)[_local_region(param)])
-
-
-def _local(param: torch.Tensor) -> torch.Tensor:
-    """This rank's part of `param`: the local shard of an FSDP2 DTensor, else the tensor itself."""
-    return param.to_local() if hasattr(param, 'to_local') else param
-
-
-def _local_region(param: torch.Tensor) -> tuple[slice, ...]:
-    """Where this rank's part of `param` lies in the full tensor."""
-    if hasattr(param, 'device_mesh'):
-        shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
-    else:
-        shape, offset = param.shape, (0,) * param.dim()
-    return tuple(slice(start, start + size) for start, size in zip(offset, shape))

@@ -115,6 +115,7 @@ def test_lora_on_two_fsdp_ranks_starts_from_the_transformers_dir_and_export_merg
     import torch.distributed.checkpoint as dcp
     from safetensors.torch import load_file
 
+    from dbrx_train.checkpoints import load_pretrained
     from dbrx_train.checkpoints.composer import MODEL_PREFIX, resolve
     from dbrx_train.checkpoints.hf import hf_names, load_hf
     from dbrx_train.checkpoints.export import export
@@ -144,7 +145,10 @@ def test_lora_on_two_fsdp_ranks_starts_from_the_transformers_dir_and_export_merg
     with torch.no_grad():
         expected = model.eval()(ids)
         got = transformers.DbrxForCausalLM.from_pretrained(exported).eval()(ids).logits
+        # The run's save_folder itself loads as the adapted model (adapters merged), as serve and eval read it.
+        from_run = load_pretrained(tmp_path / 'checkpoints')(ids)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(from_run, expected, atol=1e-5, rtol=0)
 
 
 # ---------------------------------------------------------------- pieces, without training
