@@ -100,6 +100,9 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
         options = [a for a in args if a is not type(None)]
         if len(options) == 1:  # Optional[X]: X's own error, with its nested key and suggestion
             return _coerce(options[0], value, key)
+        variants = _named_variants(options)
+        if variants is not None:
+            return _parse_variant(variants, options[0], value, key)
         errors = []
         for option in options:
             try:
@@ -144,6 +147,27 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
             raise ConfigError(key, f'expected a string, got {_describe(value)}')
         return value
     raise TypeError(f'typed_config cannot parse a field of type {hint!r} ({key})')
+
+
+def _named_variants(options: list) -> dict[str, type] | None:
+    """Dataclasses told apart by a `name: Literal[...]` field (a tagged union), by name; else None."""
+    variants = {}
+    for option in options:
+        hint = typing.get_type_hints(option).get('name') if dataclasses.is_dataclass(option) else None
+        if typing.get_origin(hint) is not Literal:
+            return None
+        variants.update(dict.fromkeys(typing.get_args(hint), option))
+    return variants
+
+
+def _parse_variant(variants: dict[str, type], first: type, value: Any, key: str) -> Any:
+    """The variant `value['name']` selects (default: the first option's default name)."""
+    if not isinstance(value, Mapping):
+        return parse(first, value, key)  # its 'expected a mapping'
+    name = value.get('name', next(f.default for f in dataclasses.fields(first) if f.name == 'name'))
+    if name not in variants:
+        raise ConfigError(_join(key, 'name'), f'must be one of {", ".join(map(repr, variants))}, got {name!r}')
+    return parse(variants[name], value, key)
 
 
 def _join(path: str, key: str) -> str:

@@ -64,7 +64,7 @@ def own_answer_tasks(model, shipped_batches, tmp_path) -> list[dict]:
     """The shipped tasks, plus a multiple-choice task whose gold options are the ones the model
     prefers and a generation task whose answers are its own greedy answers (4 tokens each): both
     must score 1, which no mistake in scoring or decoding leaves standing."""
-    from dbrx_train.training.composer_model import hf_tokenizer
+    from dbrx_train.composer_model import hf_tokenizer
 
     shipped = yaml.safe_load(TASKS.read_text())['icl_tasks']
     by_label = {task['label']: task for task in shipped}
@@ -123,7 +123,7 @@ def test_perplexity_of_a_stream_is_exp_of_its_mean_cross_entropy(stream, evaluat
 
 
 def test_every_icl_accuracy_is_what_the_model_answers_directly(evaluated, model, shipped_batches):
-    from dbrx_train.training.composer_model import hf_tokenizer
+    from dbrx_train.composer_model import hf_tokenizer
 
     _, logged = evaluated
     assert len(shipped_batches) == 6

@@ -28,6 +28,8 @@ from composer.core import State
 from composer.loggers import Logger
 from composer.utils import checkpoint, dist, format_name_with_dist
 
+from dbrx_train.uri import is_remote
+
 log = logging.getLogger(__name__)
 
 STAGING = '.incomplete'  # in save_folder: what is being written; on start, what a kill cut off
@@ -68,7 +70,7 @@ class AtomicCheckpointSaver(CheckpointSaver):
     """
 
     def __init__(self, folder: str, save_interval: str, num_checkpoints_to_keep: int, overwrite: bool):
-        if '://' in folder:
+        if is_remote(folder):
             raise ValueError(f'{folder} is not a local folder')
         super().__init__(folder=folder, latest_filename=LATEST, remote_file_name=None,
                          latest_remote_file_name=None, save_interval=save_interval,

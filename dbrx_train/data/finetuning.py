@@ -37,9 +37,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from dbrx_train.constants import IGNORE_INDEX
 from dbrx_train.data.text_dataset import LoaderConfig, StreamConfig, check_local_data, resolve_max_seq_len
 from dbrx_train.errors import ConfigError
-from dbrx_train.model.dbrx import IGNORE_INDEX
 from dbrx_train.tokenizer import IM_END_ID, IM_START_ID, PAD_ID, get_encoding
 from dbrx_train.typed_config import parse
 

@@ -18,9 +18,9 @@ import torch
 from streaming import Stream, StreamingDataset
 from torch.utils.data import DataLoader
 
+from dbrx_train.constants import IGNORE_INDEX
 from dbrx_train.data.text_to_mds import TOKENS_COLUMN
 from dbrx_train.errors import ConfigError
-from dbrx_train.model.dbrx import IGNORE_INDEX
 from dbrx_train.tokenizer import PAD_ID
 from dbrx_train.typed_config import parse
 

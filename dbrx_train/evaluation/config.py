@@ -14,11 +14,12 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
+from dbrx_train.composer_model import generation_options, icl_metrics
 from dbrx_train.data import LoaderConfig
 from dbrx_train.errors import ConfigError
 from dbrx_train.model.config import ModelConfig, Quantization
-from dbrx_train.training.composer_model import generation_options, icl_metrics
 from dbrx_train.typed_config import load_yaml, parse
+from dbrx_train.uri import is_remote
 
 # Keys llm-foundry's builder reads itself; every other set key goes to the task type's dataset class.
 _BUILDER_KEYS = frozenset({'label', 'dataset_uri', 'icl_task_type', 'num_fewshot', 'metric_names', 'batch_size',
@@ -82,7 +83,7 @@ class ICLTaskConfig:
             generation_options(self.generation_kwargs or {})
         except ValueError as e:
             raise ConfigError('generation_kwargs', str(e)) from None
-        if '://' not in self.dataset_uri and not Path(self.dataset_uri).is_file():
+        if not is_remote(self.dataset_uri) and not Path(self.dataset_uri).is_file():
             raise ConfigError('dataset_uri', f'task file not found: {self.dataset_uri}')
 
     def options(self) -> dict[str, Any]:

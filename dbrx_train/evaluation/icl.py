@@ -11,8 +11,8 @@ from collections.abc import Iterator, Sequence
 from composer.core import Evaluator
 from composer.utils import dist
 
+from dbrx_train.composer_model import hf_tokenizer
 from dbrx_train.evaluation.config import ICLTaskConfig
-from dbrx_train.training.composer_model import hf_tokenizer
 
 
 def build_icl_evaluators(tasks: Sequence[ICLTaskConfig], seq_len: int, batch_size: int,

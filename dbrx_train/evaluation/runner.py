@@ -11,12 +11,12 @@ from composer.core import Evaluator
 from composer.loggers import InMemoryLogger
 from composer.utils import dist, reproducibility
 
+from dbrx_train.builders import build_from_registry, register_ours, resolve_device
 from dbrx_train.checkpoints import load_pretrained, open_saved
+from dbrx_train.composer_model import LM_METRICS, ComposerDbrx
 from dbrx_train.data import LoaderConfig, build_text_dataloader, check_local_data
 from dbrx_train.evaluation.config import EvalConfig
 from dbrx_train.evaluation.icl import build_icl_evaluators
-from dbrx_train.training.composer_model import LM_METRICS, ComposerDbrx
-from dbrx_train.training.trainer import build_from_registry, register_ours, resolve_device
 
 
 def stream_evaluators(loader: LoaderConfig, batch_size: int, seq_len: int, subset_num_batches: int = -1
@@ -41,7 +41,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, float]:
     from llmfoundry.utils.builders import build_logger
 
     register_ours()
-    device = resolve_device(cfg)
+    device = resolve_device(cfg.device)
     dist.initialize_dist(device)
     reproducibility.seed_all(cfg.seed)
     seq_len = cfg.max_seq_len or model_config.max_seq_len

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dbrx_train.constants import IGNORE_INDEX, next_token_targets
 from dbrx_train.model.config import ModelConfig
 from dbrx_train.model.generation import generate
 from dbrx_train.model.loss import linear_cross_entropy, load_balancing_loss
@@ -26,7 +27,6 @@ from dbrx_train.model.moe import Experts, build_experts
 from dbrx_train.model.quantize import quantize
 
 NORM_EPS = 1e-5
-IGNORE_INDEX = -100
 
 
 def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -249,8 +249,7 @@ class DbrxLM(nn.Module):
         the `(tokens, vocab)` logits. `labels` default to `input_ids`; `IGNORE_INDEX` is skipped."""
         hidden, stats = self.hidden_states(input_ids, attention_mask, sequence_id=sequence_id)
         labels = input_ids if labels is None else labels
-        targets = torch.full_like(labels, IGNORE_INDEX)
-        targets[:, :-1] = labels[:, 1:]
+        targets = next_token_targets(labels)
         lm_loss = linear_cross_entropy(
             hidden.reshape(-1, hidden.shape[-1]), self.lm_head.weight, targets.reshape(-1), IGNORE_INDEX
         )

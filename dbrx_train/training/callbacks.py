@@ -1,16 +1,13 @@
-"""Small Composer callbacks and loggers specific to training MoE models."""
+"""Small Composer callbacks specific to training MoE models."""
 
 from __future__ import annotations
 
-import json
-import os
-from typing import Any
-
 import torch
 from composer.core import Callback, State
-from composer.loggers import Logger, LoggerDestination
+from composer.loggers import Logger
 from composer.utils import dist
 
+from dbrx_train.model.dbrx import LossOutput
 from dbrx_train.model.moe.expert_parallel import ExpertParallelExperts
 
 
@@ -35,10 +32,13 @@ class MoEMonitor(Callback):
         self._counts: torch.Tensor | None = None
 
     def after_forward(self, state: State, logger: Logger) -> None:
-        counts = getattr(state.outputs, 'tokens_per_expert', None)
-        if counts is not None and state.model.training:
-            counts = counts.detach().to(torch.float64)
-            self._counts = counts if self._counts is None else self._counts + counts
+        if not state.model.training:
+            return
+        if not isinstance(state.outputs, LossOutput):  # renamed or replaced: say so, do not go quiet
+            raise TypeError(f'moe_monitor reads the LossOutput of DbrxLM.loss; the training forward pass returned '
+                            f'{type(state.outputs).__name__}')
+        counts = state.outputs.tokens_per_expert.detach().to(torch.float64)
+        self._counts = counts if self._counts is None else self._counts + counts
 
     def batch_start(self, state: State, logger: Logger) -> None:
         for experts in _expert_parallel(state):
@@ -76,33 +76,3 @@ def _expert_parallel_metrics(counts: torch.Tensor, traffic: torch.Tensor, ranks:
     share = rows_per_rank.max(dim=-1).values / rows_per_rank.sum(dim=-1).clamp(min=1)
     return {'moe/all_to_all_rows': int(traffic[0]), 'moe/all_to_all_bytes': int(traffic[1]),
             'moe/ep_busiest_rank_share': share.max().item()}
-
-
-class MetricsFileLogger(LoggerDestination):
-    """Appends every logged metric to a JSON-lines file, one line per step: easy to plot and to diff.
-
-    Only rank 0 writes. Each line is flushed as it is written, so a killed run keeps what it logged.
-    """
-
-    def __init__(self, path: str = '{run_name}/metrics.jsonl'):
-        self.path_template = path
-        self._file = None
-
-    def init(self, state: State, logger: Logger) -> None:
-        if dist.get_global_rank() != 0:
-            return
-        path = self.path_template.format(run_name=state.run_name)
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        self._file = open(path, 'a', encoding='utf-8')
-
-    def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
-        if self._file is None:
-            return
-        values = {k: (v.item() if isinstance(v, torch.Tensor) else v) for k, v in metrics.items()}
-        self._file.write(json.dumps({'step': step, **values}) + '\n')
-        self._file.flush()
-
-    def close(self, state: State, logger: Logger) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None

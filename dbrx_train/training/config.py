@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -15,17 +14,9 @@ from dbrx_train.evaluation.config import check_icl_seq_lens, parse_icl_tasks
 from dbrx_train.model.config import ModelConfig
 from dbrx_train.model.lora import LoraConfig, check_layers
 from dbrx_train.training.finetune import FreezeConfig
-from dbrx_train.typed_config import parse
 
-# A loader section is parsed by the schema its `name` selects (typed_config has no tagged unions).
-LOADERS: dict[str, type[LoaderConfig]] = {'text': LoaderConfig, 'finetuning': FinetuningLoaderConfig}
-
-
-def parse_loader(data: Any, key: str) -> LoaderConfig:
-    name = data.get('name', 'text') if isinstance(data, Mapping) else 'text'
-    if name not in LOADERS:
-        raise ConfigError(f'{key}.name', f'must be one of {", ".join(map(repr, LOADERS))}, got {name!r}')
-    return parse(LOADERS[name], data, key)
+# A loader section is parsed by the schema its `name` selects ('text' when it has none).
+AnyLoader = LoaderConfig | FinetuningLoaderConfig
 
 
 @dataclass(frozen=True)
@@ -48,7 +39,7 @@ class FSDPConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     model: ModelConfig
-    train_loader: Any  # a mapping, parsed into one of LOADERS by __post_init__
+    train_loader: AnyLoader
     max_duration: str
     global_train_batch_size: int
     curriculum: CurriculumConfig | None = None  # the data mix per phase of training (replaces stream proportions)
@@ -57,7 +48,7 @@ class TrainConfig:
     max_seq_len: int | None = None  # defaults to model.max_seq_len; llm-foundry's top-level key
     device_train_microbatch_size: int | None = None  # defaults to the per-device batch
     device_eval_batch_size: int | None = None
-    eval_loader: Any = None  # like train_loader
+    eval_loader: AnyLoader | None = None
     eval_interval: str = '1dur'
     eval_first: bool = False
     eval_subset_num_batches: int = -1
@@ -101,9 +92,6 @@ class TrainConfig:
     python_log_level: str | None = 'info'
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, 'train_loader', parse_loader(self.train_loader, 'train_loader'))
-        if self.eval_loader is not None:
-            object.__setattr__(self, 'eval_loader', parse_loader(self.eval_loader, 'eval_loader'))
         if self.icl_tasks is not None:
             object.__setattr__(self, 'icl_tasks', parse_icl_tasks(self.icl_tasks))
 

@@ -2,7 +2,8 @@
 
 Optimizers, schedulers, algorithms, callbacks and loggers come from llm-foundry's registries by
 their YAML names, so everything an llm-foundry user already configures works here too; this
-project adds `moe_monitor`, `save_on_signal` (callbacks) and `metrics_file` (logger).
+project adds `moe_monitor`, `curriculum_monitor`, `save_on_signal` (callbacks) and `metrics_file`
+(logger, `dbrx_train.builders`).
 """
 
 from __future__ import annotations
@@ -12,23 +13,23 @@ import os
 import tempfile
 from pathlib import Path
 
-import torch
 from composer import Trainer
 from composer.core import DataSpec, Evaluator, Precision
 from composer.distributed.fsdp2 import create_mixed_precision_policy
 from composer.utils import dist, reproducibility
 from composer.utils.parallelism import FSDP2Config
 
+from dbrx_train.builders import build_from_registry, register_ours, resolve_device
 from dbrx_train.checkpoints.autoresume import resume_checkpoint
 from dbrx_train.checkpoints.native import CONFIG_FILE, read_config, write_config
 from dbrx_train.checkpoints.saver import AtomicCheckpointSaver
+from dbrx_train.composer_model import LM_METRICS, ComposerDbrx
 from dbrx_train.data import build_text_dataloader
 from dbrx_train.data.finetuning import build_finetuning_dataloader
 from dbrx_train.data.mixture import build_mixture_dataloader
 from dbrx_train.errors import ConfigError
 from dbrx_train.evaluation.icl import build_icl_evaluators
-from dbrx_train.training.callbacks import MetricsFileLogger, MoEMonitor
-from dbrx_train.training.composer_model import LM_METRICS, ComposerDbrx
+from dbrx_train.training.callbacks import MoEMonitor
 from dbrx_train.training.config import TrainConfig
 from dbrx_train.training.curriculum_monitor import CurriculumMonitor
 from dbrx_train.training.expert_parallel import check_moe_world_size, expert_parallel_mesh, parallelize_experts
@@ -37,39 +38,13 @@ from dbrx_train.training.gradient_average import fix_gradient_average
 from dbrx_train.training.gradient_clipping import GradientClipping
 from dbrx_train.training.hardware import matmul_peak_flops
 from dbrx_train.training.preemption import SaveOnSignal
+from dbrx_train.uri import is_remote
 
 log = logging.getLogger(__name__)
 
-OUR_CALLBACKS = {'moe_monitor': MoEMonitor, 'curriculum_monitor': CurriculumMonitor}
+OUR_CALLBACKS = {'moe_monitor': MoEMonitor, 'curriculum_monitor': CurriculumMonitor, 'save_on_signal': SaveOnSignal}
 OUR_ALGORITHMS = {'gradient_clipping': GradientClipping}  # in place of Composer's
-OUR_LOGGERS = {'metrics_file': MetricsFileLogger}
 DATALOADERS = {'text': build_text_dataloader, 'finetuning': build_finetuning_dataloader}  # by loader name
-
-
-def register_ours() -> None:
-    from llmfoundry import registry
-
-    for name, cls in {**OUR_CALLBACKS, 'save_on_signal': SaveOnSignal}.items():
-        if name not in registry.callbacks:
-            registry.callbacks.register(name, func=cls)
-    for name, cls in OUR_LOGGERS.items():
-        if name not in registry.loggers:
-            registry.loggers.register(name, func=cls)
-
-
-def build_from_registry(kind: str, name: str, kwargs: dict, build):
-    try:
-        return build(name, dict(kwargs))
-    except Exception as e:  # the registries raise a variety of types for an unknown name or bad kwargs
-        raise ConfigError(f'{kind}.{name}', f'{type(e).__name__}: {str(e).splitlines()[0]}') from None
-
-
-def resolve_device(cfg: TrainConfig) -> str:
-    if cfg.device == 'auto':
-        return 'gpu' if torch.cuda.is_available() else 'cpu'
-    if cfg.device == 'gpu' and not torch.cuda.is_available():
-        raise ConfigError('device', "'gpu' was asked for but CUDA is not available")
-    return cfg.device
 
 
 def device_batch_size(cfg: TrainConfig, world_size: int) -> int:
@@ -143,8 +118,8 @@ def _setup_logging(level: str | None) -> None:
 def build_trainer(cfg: TrainConfig) -> Trainer:
     from llmfoundry.utils.builders import build_callback, build_logger, build_optimizer, build_scheduler
 
-    register_ours()
-    device = resolve_device(cfg)
+    register_ours(OUR_CALLBACKS)
+    device = resolve_device(cfg.device)
     dist.initialize_dist(device, timeout=cfg.dist_timeout)
     _setup_logging(cfg.python_log_level)
     reproducibility.seed_all(cfg.seed)
@@ -221,7 +196,7 @@ def _checkpointing(cfg: TrainConfig) -> tuple[list[AtomicCheckpointSaver], dict]
     """The checkpoint saver and the Trainer's checkpoint arguments. A local save_folder gets
     checkpoints that are complete or absent, and autoresume from the last complete one
     (dbrx_train.checkpoints.saver and .autoresume); an object store keeps Composer's own saver and autoresume."""
-    if cfg.save_folder is None or '://' in cfg.save_folder:
+    if cfg.save_folder is None or is_remote(cfg.save_folder):
         return [], dict(save_folder=cfg.save_folder, save_interval=cfg.save_interval,
                         save_num_checkpoints_to_keep=cfg.save_num_checkpoints_to_keep,
                         save_overwrite=cfg.save_overwrite, autoresume=cfg.autoresume, load_path=cfg.load_path)
@@ -232,7 +207,7 @@ def _checkpointing(cfg: TrainConfig) -> tuple[list[AtomicCheckpointSaver], dict]
 
 def save_model_config(cfg: TrainConfig) -> None:
     """Puts the model config beside the checkpoints, so `load_pretrained(save_folder)` can rebuild the model."""
-    if '://' in cfg.save_folder:
+    if is_remote(cfg.save_folder):
         log.warning('save_folder %s is remote: keep the YAML to load its checkpoints', cfg.save_folder)
         return
     folder = Path(cfg.save_folder)

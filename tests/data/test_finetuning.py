@@ -9,6 +9,7 @@ import jinja2
 import pytest
 import torch
 
+from dbrx_train.constants import IGNORE_INDEX
 from dbrx_train.data.finetuning import (
     FinetuningDataset,
     FinetuningDatasetConfig,
@@ -20,7 +21,6 @@ from dbrx_train.data.finetuning import (
 )
 from dbrx_train.data.finetuning_to_mds import convert_finetuning_to_mds
 from dbrx_train.errors import ConfigError, UserError
-from dbrx_train.model.dbrx import IGNORE_INDEX
 from dbrx_train.tokenizer import CHATML_TEMPLATE, IM_END_ID, IM_START_ID, PAD_ID, get_encoding
 from tests.model.conftest import tiny_dbrx
 

@@ -22,7 +22,7 @@ def model():
 
 @pytest.fixture(scope='module')
 def composer_model(model):
-    from dbrx_train.training.composer_model import ComposerDbrx
+    from dbrx_train.composer_model import ComposerDbrx
 
     return ComposerDbrx(model).eval()
 
@@ -59,7 +59,7 @@ def test_the_shipped_tasks_cover_every_llm_foundry_task_type(batches):
 
 @pytest.mark.parametrize('label', ['python_mc/0-shot', 'python_mc/2-shot', 'python_schema/0-shot'])
 def test_a_choice_task_picks_the_option_of_lowest_continuation_loss(label, model, composer_model, batches):
-    from dbrx_train.training.composer_model import hf_tokenizer
+    from dbrx_train.composer_model import hf_tokenizer
 
     metric_name, task_batches = batches[label]
     results, accuracy = evaluate(composer_model, metric_name, task_batches)
@@ -79,7 +79,7 @@ def test_language_modelling_compares_greedy_predictions_with_the_continuation(mo
 
 @pytest.mark.parametrize('label', ['python_qa/0-shot', 'python_qa/2-shot'])
 def test_generation_matches_greedy_decoding_of_each_prompt_alone(label, model, composer_model, batches):
-    from dbrx_train.training.composer_model import hf_tokenizer
+    from dbrx_train.composer_model import hf_tokenizer
 
     metric_name, task_batches = batches[label]
     results, accuracy = evaluate(composer_model, metric_name, task_batches)
@@ -90,7 +90,7 @@ def test_generation_matches_greedy_decoding_of_each_prompt_alone(label, model, c
 
 
 def test_generation_honours_max_new_tokens_and_cuts_at_a_stop_sequence(model, composer_model, batches):
-    from dbrx_train.training.composer_model import hf_tokenizer
+    from dbrx_train.composer_model import hf_tokenizer
 
     batch = copy.deepcopy(batches['python_qa/0-shot'][1][0])  # four prompts of different lengths
     batch['generation_kwargs']['max_new_tokens'] = 6

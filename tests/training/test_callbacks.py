@@ -1,10 +1,10 @@
-import json
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from dbrx_train.training.callbacks import MetricsFileLogger, MoEMonitor
+from dbrx_train.model.dbrx import LossOutput
+from dbrx_train.training.callbacks import MoEMonitor
 
 
 class RecordingLogger:
@@ -16,7 +16,9 @@ class RecordingLogger:
 
 
 def _state(counts, batch=1, training=True):
-    return SimpleNamespace(outputs=SimpleNamespace(tokens_per_expert=counts),
+    zero = torch.tensor(0.0)
+    outputs = None if counts is None else LossOutput(loss=zero, lm_loss=zero, aux_loss=zero, tokens_per_expert=counts)
+    return SimpleNamespace(outputs=outputs,
                            model=SimpleNamespace(training=training, modules=lambda: iter(())),
                            timestamp=SimpleNamespace(batch=batch))
 
@@ -46,12 +48,9 @@ def test_moe_monitor_ignores_eval_forwards_and_resets_each_step():
     assert logger.metrics['moe/max_cv'] == pytest.approx(0.0)
 
 
-def test_metrics_file_logger_writes_one_json_line_per_call(tmp_path):
-    path = tmp_path / 'sub' / 'metrics.jsonl'
-    file_logger = MetricsFileLogger(str(path))
-    file_logger.init(SimpleNamespace(run_name='r'), None)
-    file_logger.log_metrics({'loss/train/total': torch.tensor(2.5), 'lr': 0.1}, step=3)
-    file_logger.log_metrics({'loss/train/total': 2.0}, step=4)
-    file_logger.close(None, None)
-    lines = [json.loads(line) for line in path.read_text().splitlines()]
-    assert lines == [{'step': 3, 'loss/train/total': 2.5, 'lr': 0.1}, {'step': 4, 'loss/train/total': 2.0}]
+def test_moe_monitor_fails_loudly_when_the_training_output_is_not_a_loss_output():
+    state = _state(None)
+    state.outputs = SimpleNamespace(tokens_per_expert=torch.tensor([[1, 1]]))  # duck-typed: not accepted
+    with pytest.raises(TypeError, match='moe_monitor reads the LossOutput of DbrxLM.loss; the training forward '
+                                        'pass returned SimpleNamespace'):
+        MoEMonitor().after_forward(state, RecordingLogger())

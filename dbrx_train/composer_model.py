@@ -7,13 +7,13 @@ import functools
 from collections.abc import Mapping
 from typing import Any
 
-import torch
 from composer.metrics.nlp import LanguageCrossEntropy, LanguagePerplexity
 from composer.models import ComposerModel
 from torchmetrics import Metric
 
 from dbrx_train.model.config import ModelConfig
-from dbrx_train.model.dbrx import IGNORE_INDEX, DbrxLM
+from dbrx_train.constants import IGNORE_INDEX, next_token_targets
+from dbrx_train.model.dbrx import DbrxLM
 from dbrx_train.model.flops import train_flops_per_token
 from dbrx_train.model.generation import DEFAULT_STOP_TOKENS
 from dbrx_train.tokenizer import build_hf_tokenizer
@@ -101,8 +101,7 @@ class ComposerDbrx(ComposerModel):
         if batch.get('mode') == 'generate':  # outputs are strings; labels each example's accepted answers
             return metric.update(batch=batch, outputs=outputs, labels=batch['labels'])
         labels = batch.get('labels', batch['input_ids'])
-        targets = torch.full_like(labels, IGNORE_INDEX)
-        targets[:, :-1] = labels[:, 1:]
+        targets = next_token_targets(labels)
         if getattr(metric, 'needs_batch', False):  # llm-foundry's ICL metrics
             return metric.update(batch=batch, outputs=outputs, labels=targets[:, : outputs.shape[1]])
         metric.update(outputs, targets)
