@@ -19,10 +19,12 @@ import logging
 import queue
 import threading
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Protocol, runtime_checkable
 
 import torch
+from torch import nn
 
+from dbrx_train.model.config import ModelConfig
 from dbrx_train.model.generation import KVCache, adjust_logits, sample_next
 from dbrx_train.serve.text import TextCodec, TextStream
 
@@ -34,6 +36,20 @@ PROMPT_SCORE_CHUNK = 256
 # How long an idle engine waits for the next of a burst of requests before it prefills them:
 # clients that send at the same moment reach the engine a few milliseconds apart.
 ARRIVAL_WINDOW_S = 0.005
+
+
+@runtime_checkable
+class ServableModel(Protocol):
+    """What the engine uses of a model. `DbrxLM`, float or quantized, is one; another backend (int4,
+    Megablocks) fits if it has these."""
+
+    config: ModelConfig  # layers, heads and context: the KV cache's shape
+    wte: nn.Embedding  # its weight's dtype and device are the KV cache's
+    lm_head: nn.Module  # hidden states -> logits; `lm_head.weight` `(vocab, d_model)`
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                      kv_cache: KVCache | None = None) -> tuple[torch.Tensor, list]:
+        """Final-norm hidden states `(batch, seq, d_model)` (and per-layer router stats)."""
 
 
 @dataclass(frozen=True)
@@ -88,8 +104,21 @@ class _Sequence:
     counts: torch.Tensor | None = None  # (vocab,) times each token was generated, when penalized
 
 
+@dataclass
+class _BatchPart:
+    """Rows on their way into the running batch: a prefill's (or the running batch's) cache and
+    mask, the sequences of its rows, and which of them keep running."""
+
+    cache: KVCache
+    mask: torch.Tensor  # (rows, cache.length) bool: real tokens
+    keep: list[int]
+    seqs: list[_Sequence]
+
+
 class Engine:
-    def __init__(self, model, codec: TextCodec, max_batch_size: int = 16, prefill_chunk: int = 512):
+    def __init__(self, model: ServableModel, codec: TextCodec, max_batch_size: int = 16, prefill_chunk: int = 512):
+        if not isinstance(model, ServableModel):
+            raise TypeError(f'{type(model).__name__} cannot be served: it lacks what ServableModel names')
         self.model = model
         self.codec = codec
         self.max_batch_size = max_batch_size
@@ -215,7 +244,7 @@ class Engine:
         parts.append(self._prefill_group(group))
         self._repack(parts)
 
-    def _prefill_group(self, seqs: list[_Sequence]):
+    def _prefill_group(self, seqs: list[_Sequence]) -> _BatchPart:
         """One left-padded forward pass over `seqs`' prompts; returns the batch part to repack."""
         width = max(len(s.prompt) for s in seqs)
         ids = torch.zeros(len(seqs), width, dtype=torch.long)
@@ -245,7 +274,7 @@ class Engine:
             logits = self.model.lm_head(hidden[generating, -1])
             self._advance([seqs[row] for row in generating], logits,
                           [prompt_scores.get(row) for row in generating])
-        return cache, mask, [row for row in generating if not seqs[row].finished], seqs
+        return _BatchPart(cache, mask, [row for row in generating if not seqs[row].finished], seqs)
 
     def _decode(self, rows: list[_Sequence]) -> None:
         self.peak_batch = max(self.peak_batch, len(rows))
@@ -335,20 +364,19 @@ class Engine:
                 s.sink(Output(s.index, finish_reason='error', error=message))
         self._repack([])
 
-    def _repack(self, new_parts) -> None:
-        """Rebuilds the batch from the unfinished running rows plus `new_parts` (each a prefill's
-        cache, mask, kept rows and sequences): one cache, rows right-aligned, no all-padding columns."""
+    def _repack(self, new_parts: list[_BatchPart]) -> None:
+        """Rebuilds the batch from the unfinished running rows plus `new_parts` (prefills' rows):
+        one cache, rows right-aligned, no all-padding columns."""
         parts = []
         if self._rows:
             keep = [row for row, s in enumerate(self._rows) if not s.finished]
-            parts.append((self._cache, self._mask, keep, self._rows))
-        parts += new_parts
-        parts = [(cache, mask, keep, seqs) for cache, mask, keep, seqs in parts if keep]
-        rows = [seqs[row] for _, _, keep, seqs in parts for row in keep]
+            parts.append(_BatchPart(self._cache, self._mask, keep, self._rows))
+        parts = [part for part in parts + new_parts if part.keep]
+        rows = [part.seqs[row] for part in parts for row in part.keep]
         if not rows:
             self._rows, self._cache, self._mask = [], None, None
             return
-        spans = [int(mask[keep].sum(dim=1).max()) for _, mask, keep, _ in parts]
+        spans = [int(part.mask[part.keep].sum(dim=1).max()) for part in parts]
         width = max(spans)
         room = max(s.params.max_tokens - s.generated for s in rows)
         cache = KVCache.for_model(self.model, len(rows), width + room)
@@ -357,11 +385,12 @@ class Engine:
         cache.length = width
         mask = torch.zeros(len(rows), width, dtype=torch.bool, device=self.device)
         first = 0
-        for (old, old_mask, keep, _), span in zip(parts, spans):
-            rows_here = slice(first, first + len(keep))
-            index = torch.tensor(keep, device=self.device)
+        for part, span in zip(parts, spans):
+            old = part.cache
+            rows_here = slice(first, first + len(part.keep))
+            index = torch.tensor(part.keep, device=self.device)
             for new_kv, old_kv in ((cache.keys, old.keys), (cache.values, old.values)):
                 new_kv[:, rows_here, :, width - span : width] = old_kv[:, index, :, old.length - span : old.length]
-            mask[rows_here, width - span :] = old_mask[index, old_mask.shape[1] - span :]
-            first += len(keep)
+            mask[rows_here, width - span :] = part.mask[index, part.mask.shape[1] - span :]
+            first += len(part.keep)
         self._rows, self._cache, self._mask = rows, cache, mask

@@ -6,6 +6,7 @@ import threading
 import time
 from dataclasses import dataclass
 
+import openai
 import pytest
 import torch
 from fastapi import FastAPI
@@ -109,3 +110,7 @@ def greedy(tiny_model):
         return out[0, len(prompt):].tolist()
 
     return generate
+
+
+def client(url: str, key: str = 'unused') -> openai.OpenAI:
+    return openai.OpenAI(base_url=url + '/v1', api_key=key, max_retries=0, timeout=60)

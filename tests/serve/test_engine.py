@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import copy
 import queue
 import time
 
 import pytest
 import torch
 
-from dbrx_train.serve.engine import Engine, SamplingParams
+from dbrx_train.model.quantize import quantize
+from dbrx_train.serve.engine import Engine, SamplingParams, ServableModel
 
 GREEDY = dict(temperature=0.0)
 
@@ -165,3 +167,11 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_decoding_steps(tiny_model,
         assert [s.token for s in scores] == long and scores[0].logprob is None
     finally:
         engine.stop()
+
+
+def test_the_engine_serves_what_fits_servable_model_and_names_what_does_not(tiny_model, codec):
+    assert isinstance(tiny_model, ServableModel)
+    int8 = quantize(copy.deepcopy(tiny_model).to(torch.bfloat16), 'int8')
+    assert isinstance(int8, ServableModel)  # a quantized model fits as it is
+    with pytest.raises(TypeError, match='Linear cannot be served: it lacks what ServableModel names'):
+        Engine(torch.nn.Linear(2, 2), codec)
