@@ -3,7 +3,8 @@
 `parse(Schema, mapping)` turns what omegaconf read from a YAML (plus command-line overrides)
 into a frozen dataclass. Unknown keys (with the closest valid key suggested), wrong types and
 the schema's own `check()` all fail with one `ConfigError` naming the dotted key. The rest of
-the code trusts the dataclass it gets.
+the code trusts the dataclass it gets. A field typed `Annotated[T, parse_fn]` is parsed by
+`parse_fn(value, key)` (for values with more than one spelling, such as a list or a file holding one).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import types
 import typing
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, TypeVar, Union
+from typing import Annotated, Any, Literal, TypeVar, Union
 
 from dbrx_train.errors import ConfigError
 
@@ -55,7 +56,7 @@ def parse(schema: type[T], data: Any, path: str = '') -> T:
     if not isinstance(data, Mapping):
         raise ConfigError(path, f'expected a mapping, got {_describe(data)}')
     fields = {f.name: f for f in dataclasses.fields(schema) if f.init}
-    hints = typing.get_type_hints(schema)
+    hints = typing.get_type_hints(schema, include_extras=True)
     for key in data:
         if key not in fields:
             close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.6)
@@ -94,6 +95,8 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
     args = typing.get_args(hint)
     if hint is Any:
         return value
+    if origin is Annotated:  # the field's own parser; None stays None where the type allows it
+        return _coerce(args[0], value, key) if value is None else hint.__metadata__[0](value, key)
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None

@@ -12,7 +12,7 @@ import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from dbrx_train.composer_model import generation_options, icl_metrics
 from dbrx_train.data import LoaderConfig
@@ -109,6 +109,10 @@ def parse_icl_tasks(value: Any, key: str = 'icl_tasks') -> tuple[ICLTaskConfig, 
     return tasks
 
 
+# A list of tasks, or the path of a YAML holding one, parsed into the tasks.
+ICLTasks = Annotated[tuple[ICLTaskConfig, ...] | None, parse_icl_tasks]
+
+
 def check_icl_seq_lens(tasks: Sequence[ICLTaskConfig], icl_seq_len: int | None, model_max_seq_len: int) -> None:
     """No ICL example may be longer than the positions the model was trained for."""
     if icl_seq_len is not None and not 1 <= icl_seq_len <= model_max_seq_len:
@@ -125,7 +129,7 @@ class EvalConfig:
 
     checkpoint: str  # what `load_pretrained` reads: a save_folder, a checkpoint, a transformers directory
     eval_loader: LoaderConfig | None = None  # held-out MDS streams: perplexity of each stream
-    icl_tasks: Any = None  # a list of tasks, or the path of a YAML holding one (parsed by __post_init__)
+    icl_tasks: ICLTasks = None
     run_name: str = 'dbrx-eval'
     seed: int = 17
     max_seq_len: int | None = None  # of the perplexity samples; default: the model's
@@ -142,10 +146,6 @@ class EvalConfig:
     loggers: dict[str, dict[str, Any]] = field(default_factory=dict)  # by llm-foundry registry name
     progress_bar: bool = True
     python_log_level: str | None = 'warning'
-
-    def __post_init__(self) -> None:
-        if self.icl_tasks is not None:
-            object.__setattr__(self, 'icl_tasks', parse_icl_tasks(self.icl_tasks))
 
     def check(self) -> None:
         if self.eval_loader is None and self.icl_tasks is None:

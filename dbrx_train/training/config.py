@@ -10,7 +10,7 @@ from dbrx_train.data import LoaderConfig
 from dbrx_train.data.curriculum import CurriculumConfig, Schedule, resolve_schedule
 from dbrx_train.data.finetuning import FinetuningLoaderConfig
 from dbrx_train.errors import ConfigError
-from dbrx_train.evaluation.config import check_icl_seq_lens, parse_icl_tasks
+from dbrx_train.evaluation.config import ICLTasks, check_icl_seq_lens
 from dbrx_train.model.config import ModelConfig
 from dbrx_train.model.lora import LoraConfig, check_layers
 from dbrx_train.training.finetune import FreezeConfig
@@ -53,7 +53,7 @@ class TrainConfig:
     eval_first: bool = False
     eval_subset_num_batches: int = -1
     # llm-foundry's ICL tasks (a list, or the path of a YAML holding one), run at eval_interval too.
-    icl_tasks: Any = None
+    icl_tasks: ICLTasks = None
     icl_seq_len: int | None = None  # defaults to max_seq_len
     icl_subset_num_batches: int | None = None  # per task; defaults to eval_subset_num_batches
     tokenizer: dict[str, Any] = field(default_factory=lambda: {'name': 'dbrx'})
@@ -90,10 +90,6 @@ class TrainConfig:
     console_log_interval: str = '1ba'
     dist_timeout: float = 600.0
     python_log_level: str | None = 'info'
-
-    def __post_init__(self) -> None:
-        if self.icl_tasks is not None:
-            object.__setattr__(self, 'icl_tasks', parse_icl_tasks(self.icl_tasks))
 
     def check(self) -> None:
         if self.global_train_batch_size < 1:
