@@ -24,7 +24,7 @@ from pathlib import Path
 from dbrx_train.errors import ConfigError, cli_entry
 from dbrx_train.model.config import ModelConfig
 from dbrx_train.model.dbrx import DbrxLM
-from dbrx_train.model.flops import count_parameters, train_flops_per_token
+from dbrx_train.model.flops import attention_flops_per_token, count_parameters, train_flops_per_token
 from dbrx_train.training.sizing import STATE_BYTES, Layout, Traffic, rank_size
 from dbrx_train.typed_config import load_yaml, parse
 
@@ -45,6 +45,7 @@ def describe(config: ModelConfig, seq_len: int | None = None) -> str:
     counts = count_parameters(DbrxLM(config, device='meta'))
     ffn = config.ffn_config
     seq_len = config.max_seq_len if seq_len is None else seq_len
+    attention = attention_flops_per_token(config, seq_len)
     return '\n'.join([
         f'parameters:        {counts.total:,} total ({_short(counts.total)})',
         f'active per token:  {counts.active:,} ({_short(counts.active)}; {ffn.moe_top_k} of '
@@ -52,6 +53,8 @@ def describe(config: ModelConfig, seq_len: int | None = None) -> str:
         f'experts:           {counts.experts:,} ({_short(counts.experts)})',
         f'embedding table:   {counts.embedding:,} ({_short(counts.embedding)})',
         f'train FLOPs/token: {train_flops_per_token(config, seq_len):.4g} (seq_len {seq_len})',
+        f'  of which attention: {attention:.4g} ({attention / train_flops_per_token(config, seq_len):.1%}); '
+        f'{attention * seq_len:.4g} per {seq_len}-token sequence',
     ])
 
 

@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from dbrx_train.info import load_model_config, main
-from dbrx_train.model.flops import parameter_counts, train_flops_per_token
+from dbrx_train.model.flops import attention_flops_per_token, parameter_counts, train_flops_per_token
 
 DBRX_132B = Path(__file__).parents[1] / 'yamls' / 'models' / 'dbrx-132b.yaml'
 
@@ -19,6 +19,11 @@ def test_prints_counts_and_flops_of_the_132b_preset(capsys):
     assert f'{counts.total:,} total (131.60B)' in out
     assert f'{counts.active:,} (36.47B; 4 of 16 experts)' in out
     assert f'{train_flops_per_token(config):.4g} (seq_len 32768)' in out
+    # DBRX's 32K context: 12 x 40 layers x 6144 x 32768 attention FLOPs per token, 37.5% of the whole.
+    attention = 12 * 40 * 6144 * 32768
+    assert attention_flops_per_token(config) == attention
+    assert f'of which attention: {attention:.4g} ({attention / train_flops_per_token(config):.1%}); ' \
+           f'{attention * 32768:.4g} per 32768-token sequence' in out
 
 
 def test_reads_the_model_section_of_a_training_yaml_with_overrides(tmp_path, capsys):

@@ -2,7 +2,7 @@
 
 Each block is
 
-    x = x + Attention(LayerNorm(x))      # fused Wqkv clipped to ±clip_qkv, GQA, RoPE, SDPA
+    x = x + Attention(LayerNorm(x))      # fused Wqkv clipped to ±clip_qkv, GQA, RoPE, SDPA (model/attention.py)
     x = x + MoE(LayerNorm(x))            # softmax router, top-k, p-norm weights, dropless GLU experts
 
 with LayerNorms without bias, no biases anywhere, and an untied LM head. Parameter names follow
@@ -16,10 +16,10 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dbrx_train.constants import IGNORE_INDEX, next_token_targets
+from dbrx_train.model.attention import AttentionMask, Causal, Dense, Documents, LeftPadded
 from dbrx_train.model.config import ModelConfig
 from dbrx_train.model.generation import generate
 from dbrx_train.model.loss import linear_cross_entropy, load_balancing_loss
@@ -58,7 +58,7 @@ class Attention(nn.Module):
         self.out_proj = nn.Linear(config.d_model, config.d_model, bias=False, device=device)
         self.out_proj.writes_residual = True
 
-    def forward(self, x, cos, sin, mask=None, kv_cache=None, layer_idx: int = 0):
+    def forward(self, x, cos, sin, mask: AttentionMask, kv_cache=None, layer_idx: int = 0):
         batch, seq, d_model = x.shape
         qkv = self.Wqkv(x)
         if self.clip_qkv is not None:
@@ -74,19 +74,18 @@ class Attention(nn.Module):
         # SDPA's enable_gqa, which sends CPU attention to the slow unfused kernel.
         k = k.repeat_interleave(self.n_heads // self.kv_n_heads, dim=1)
         v = v.repeat_interleave(self.n_heads // self.kv_n_heads, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        y = mask.attend(q, k, v)
         return self.out_proj(y.transpose(1, 2).reshape(batch, seq, d_model))
 
 
-def packed_positions_and_mask(sequence_id: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Positions that restart at 0 where `sequence_id` changes, and the block-diagonal causal mask
-    `(batch, 1, seq, seq)` that keeps attention inside each example."""
+def packed_positions_and_mask(sequence_id: torch.Tensor) -> tuple[torch.Tensor, Documents]:
+    """Positions that restart at 0 where `sequence_id` changes, and the `Documents` mask that keeps
+    attention inside each example."""
     idx = torch.arange(sequence_id.shape[-1], device=sequence_id.device)
     starts = torch.ones_like(sequence_id, dtype=torch.bool)
     starts[:, 1:] = sequence_id[:, 1:] != sequence_id[:, :-1]
     first_of_example = torch.where(starts, idx, 0).cummax(dim=-1).values
-    same_example = sequence_id[:, :, None] == sequence_id[:, None, :]
-    return idx - first_of_example, (same_example & (idx[None, :] <= idx[:, None]))[:, None]
+    return idx - first_of_example, Documents.starting_at(starts)
 
 
 @dataclass
@@ -135,7 +134,7 @@ class DbrxBlock(nn.Module):
         self.norm_2 = nn.LayerNorm(config.d_model, eps=NORM_EPS, bias=False, device=device)
         self.ffn = MoE(config, device=device)
 
-    def forward(self, x, cos, sin, mask=None, kv_cache=None, layer_idx: int = 0):
+    def forward(self, x, cos, sin, mask: AttentionMask, kv_cache=None, layer_idx: int = 0):
         x = x + self.attn(self.norm_1(x), cos, sin, mask, kv_cache, layer_idx)
         ffn_out, stats = self.ffn(self.norm_2(x))
         return x + ffn_out, stats
@@ -211,22 +210,24 @@ class DbrxLM(nn.Module):
         return self.norm_f(x), all_stats
 
     @staticmethod
-    def _positions_and_mask(batch, seq, past, attention_mask, device):
+    def _positions_and_mask(batch, seq, past, attention_mask, device) -> tuple[torch.Tensor, AttentionMask]:
+        """Positions of the `seq` new tokens and their mask. A left-padded `attention_mask` (each
+        row: zeros, then ones) becomes `LeftPadded`, a per-row count; any other pattern `Dense`."""
         if attention_mask is None:
-            position_ids = torch.arange(past, past + seq, device=device).expand(batch, seq)
-            if past == 0:
-                return position_ids, None  # plain causal attention: SDPA's fast path
-            key_is_real = torch.ones(batch, past + seq, dtype=torch.bool, device=device)
-        else:
-            key_is_real = attention_mask.to(device=device, dtype=torch.bool)
-            position_ids = (key_is_real.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
-        query_idx = torch.arange(past, past + seq, device=device)
-        key_idx = torch.arange(past + seq, device=device)
-        causal = key_idx[None, :] <= query_idx[:, None]
-        mask = causal[None] & key_is_real[:, None, :]
+            return torch.arange(past, past + seq, device=device).expand(batch, seq), Causal()
+        key_is_real = attention_mask.to(device=device, dtype=torch.bool)
+        position_ids = (key_is_real.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+        keys = past + seq
+        padding = (~key_is_real).sum(dim=-1)
+        key_idx = torch.arange(keys, device=device)
+        if torch.equal(key_is_real, key_idx[None, :] >= padding[:, None]):
+            padding = tuple(padding.tolist())
+            return position_ids, LeftPadded(padding, key_is_real) if any(padding) else Causal()
+        query_idx = torch.arange(past, keys, device=device)
+        allowed = (key_idx[None, :] <= query_idx[:, None])[None] & key_is_real[:, None, :]
         # A padding query would otherwise see no key at all (NaN); let it see itself.
-        mask |= (key_idx[None, :] == query_idx[:, None])[None]
-        return position_ids, mask[:, None]
+        allowed |= (key_idx[None, :] == query_idx[:, None])[None]
+        return position_ids, Dense(allowed[:, None])
 
     def forward(self, input_ids, attention_mask=None, kv_cache=None, labels=None, sequence_id=None):
         """Logits `(batch, seq, vocab)`; with `labels`, the training `LossOutput` instead (no logits

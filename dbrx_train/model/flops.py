@@ -59,6 +59,12 @@ def train_flops_per_token(config: ModelConfig, seq_len: int | None = None) -> in
     scores and weighted sum over the whole `seq_len` (default `max_seq_len`), not halved for the
     causal mask, as PaLM counts it. Softmax, rotary and elementwise work are not counted.
     """
-    seq_len = config.max_seq_len if seq_len is None else seq_len
     counts = parameter_counts(config)
-    return 6 * (counts.active - counts.embedding) + 12 * config.n_layers * config.d_model * seq_len
+    return 6 * (counts.active - counts.embedding) + attention_flops_per_token(config, seq_len)
+
+
+def attention_flops_per_token(config: ModelConfig, seq_len: int | None = None) -> int:
+    """The attention term of `train_flops_per_token`: scores and weighted sum over `seq_len`
+    (default `max_seq_len`) keys, forward and backward, `12 * n_layers * d_model * seq_len`."""
+    seq_len = config.max_seq_len if seq_len is None else seq_len
+    return 12 * config.n_layers * config.d_model * seq_len

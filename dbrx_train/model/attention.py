@@ -1,0 +1,122 @@
+"""Which keys each query sees, and the kernel that computes attention under that rule.
+
+A forward pass describes its mask once and every layer calls `mask.attend(q, k, v)`:
+
+    Causal()                  each row is one sequence (with a KV cache: the queries are its last tokens)
+    Documents(lengths)        packed rows: examples side by side, each attending only within itself
+    LeftPadded(padding)       rows that start with `padding[row]` padding tokens (batched prompts)
+    Dense(allowed)            anything else: a boolean `(batch, 1, queries, keys)` mask
+
+Only `Dense` holds a `(queries, keys)` mask. The others run on SDPA's causal fast path, whose
+memory grows with the sequence, not with its square: a packed 32K row costs what a plain one does.
+bench/bench_long_context.py measures them (and the candidates that lost) against plain rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal attention of the last `q.shape[2]` positions over all `k.shape[2]` keys.
+
+    Query i sits at position `keys - queries + i` (a KV cache holds the earlier keys). Prefill and
+    one-token decoding take SDPA's fused kernels without a mask; only a prompt chunk after a cached
+    part needs one, `(queries, keys)` large, never `(keys, keys)`.
+    """
+    queries, keys = q.shape[2], k.shape[2]
+    if queries == keys:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    if queries == 1:
+        return F.scaled_dot_product_attention(q, k, v)
+    # SDPA's is_causal aligns the mask top-left; a chunk after a cache needs it bottom-right.
+    query_pos = torch.arange(keys - queries, keys, device=q.device)
+    allowed = torch.arange(keys, device=q.device)[None, :] <= query_pos[:, None]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+
+
+class AttentionMask:
+    """What a forward pass tells every attention layer: `attend(q, k, v)` with q `(batch, heads,
+    queries, head_dim)` and k, v `(batch, heads, keys, head_dim)` returns `(batch, heads, queries, head_dim)`."""
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Causal(AttentionMask):
+    def attend(self, q, k, v):
+        return causal_attention(q, k, v)
+
+
+@dataclass(frozen=True)
+class Dense(AttentionMask):
+    allowed: torch.Tensor  # (batch, 1, queries, keys) bool: True where the query may see the key
+
+    def attend(self, q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.allowed)
+
+
+@dataclass(frozen=True, eq=False)
+class LeftPadded(AttentionMask):
+    """Row r's first `padding[r]` key positions are padding: its real tokens attend causally among
+    themselves. A padding query's output is zero (nothing reads it)."""
+
+    padding: tuple[int, ...]
+    key_is_real: torch.Tensor  # (batch, keys) bool, the same rule as a tensor (for one-token steps)
+
+    def attend(self, q, k, v):
+        queries, keys = q.shape[2], k.shape[2]
+        if queries == 1:  # decoding: one batched call, a (batch, 1, 1, keys) mask
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=self.key_is_real[:, None, None, :keys])
+        return _rows_sliced(q, k, v, self.padding)
+
+
+@torch.compiler.disable  # Python-int slicing: one graph per padding pattern would recompile every batch
+def _rows_sliced(q, k, v, padding):
+    queries, keys = q.shape[2], k.shape[2]
+    out = q.new_zeros(q.shape)
+    for row, pad in enumerate(padding):
+        first_query = max(0, pad - (keys - queries))
+        if first_query < queries:
+            out[row : row + 1, :, first_query:] = causal_attention(
+                q[row : row + 1, :, first_query:], k[row : row + 1, :, pad:], v[row : row + 1, :, pad:]
+            )
+    return out
+
+
+@dataclass(frozen=True)
+class Documents(AttentionMask):
+    """Packed rows: `lengths[r]` are the lengths of row r's examples, side by side from position 0;
+    a query sees the keys of its own example up to itself, as if each example ran alone."""
+
+    lengths: tuple[tuple[int, ...], ...]
+
+    @classmethod
+    def starting_at(cls, starts: torch.Tensor) -> 'Documents':
+        """The documents of `starts` `(batch, seq)` bool: True where an example begins (position 0 always)."""
+        seq = starts.shape[1]
+        rows = []
+        for row_starts in starts.cpu():
+            bounds = row_starts.nonzero()[:, 0].tolist() + [seq]
+            rows.append(tuple(end - start for start, end in zip(bounds, bounds[1:])))
+        return cls(tuple(rows))
+
+    def attend(self, q, k, v):
+        return _documents_sliced(q, k, v, self.lengths)
+
+
+@torch.compiler.disable  # see _rows_sliced
+def _documents_sliced(q, k, v, lengths):
+    """One causal SDPA call per example on its slice of the row: the fused kernel, no mask, no work
+    between examples. Of the candidates measured on CPU (bench/bench_long_context.py) the only one
+    that runs there; on CUDA each call is the flash kernel a plain row takes."""
+    rows = []
+    # split, not slicing: its backward is one concatenation, not a zero-filled gradient per piece
+    for q_row, k_row, v_row, row_lengths in zip(q.split(1), k.split(1), v.split(1), lengths):
+        parts = zip(*(t.split(row_lengths, dim=2) for t in (q_row, k_row, v_row)))
+        rows.append(torch.cat([F.scaled_dot_product_attention(*qkv, is_causal=True) for qkv in parts], dim=2))
+    return torch.cat(rows)
