@@ -14,13 +14,33 @@ bench/bench_long_context.py measures them (and the candidates that lost) against
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+class ChunkBias:
+    """The additive mask of a prompt chunk after a cached part: every cached key visible, the
+    chunk's own block triangular. Built once per forward pass and shared by its layers (and, sliced
+    from the right, by rows with fewer keys): filling a `(chunk, keys)` tensor costs as much as the
+    attention itself on CPU."""
+
+    def __init__(self):
+        self._bias: torch.Tensor | None = None
+
+    def __call__(self, q: torch.Tensor, keys: int) -> torch.Tensor:
+        queries = q.shape[2]
+        bias = self._bias
+        if bias is None or bias.shape[0] != queries or bias.shape[1] < keys or bias.dtype != q.dtype:
+            bias = torch.zeros(queries, keys, dtype=q.dtype, device=q.device)
+            bias[:, keys - queries :] = torch.full((queries, queries), float('-inf'), dtype=q.dtype,
+                                                   device=q.device).triu(1)
+            self._bias = bias
+        return bias[:, bias.shape[1] - keys :]
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_bias: ChunkBias) -> torch.Tensor:
     """Causal attention of the last `q.shape[2]` positions over all `k.shape[2]` keys.
 
     Query i sits at position `keys - queries + i` (a KV cache holds the earlier keys). Prefill and
@@ -32,10 +52,9 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
     if queries == 1:
         return F.scaled_dot_product_attention(q, k, v)
-    # SDPA's is_causal aligns the mask top-left; a chunk after a cache needs it bottom-right.
-    query_pos = torch.arange(keys - queries, keys, device=q.device)
-    allowed = torch.arange(keys, device=q.device)[None, :] <= query_pos[:, None]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+    # SDPA's is_causal aligns the mask top-left; a chunk after a cache needs it bottom-right. Additive:
+    # CPU SDPA runs 1.8x faster with a float mask than with a boolean one.
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=chunk_bias(q, keys))
 
 
 class AttentionMask:
@@ -46,10 +65,12 @@ class AttentionMask:
         raise NotImplementedError
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Causal(AttentionMask):
+    chunk_bias: ChunkBias = field(default_factory=ChunkBias, repr=False)
+
     def attend(self, q, k, v):
-        return causal_attention(q, k, v)
+        return causal_attention(q, k, v, self.chunk_bias)
 
 
 @dataclass(frozen=True)
@@ -67,23 +88,24 @@ class LeftPadded(AttentionMask):
 
     padding: tuple[int, ...]
     key_is_real: torch.Tensor  # (batch, keys) bool, the same rule as a tensor (for one-token steps)
+    chunk_bias: ChunkBias = field(default_factory=ChunkBias, repr=False)
 
     def attend(self, q, k, v):
         queries, keys = q.shape[2], k.shape[2]
         if queries == 1:  # decoding: one batched call, a (batch, 1, 1, keys) mask
             return F.scaled_dot_product_attention(q, k, v, attn_mask=self.key_is_real[:, None, None, :keys])
-        return _rows_sliced(q, k, v, self.padding)
+        return _rows_sliced(q, k, v, self.padding, self.chunk_bias)
 
 
 @torch.compiler.disable  # Python-int slicing: one graph per padding pattern would recompile every batch
-def _rows_sliced(q, k, v, padding):
+def _rows_sliced(q, k, v, padding, chunk_bias):
     queries, keys = q.shape[2], k.shape[2]
     out = q.new_zeros(q.shape)
     for row, pad in enumerate(padding):
         first_query = max(0, pad - (keys - queries))
         if first_query < queries:
             out[row : row + 1, :, first_query:] = causal_attention(
-                q[row : row + 1, :, first_query:], k[row : row + 1, :, pad:], v[row : row + 1, :, pad:]
+                q[row : row + 1, :, first_query:], k[row : row + 1, :, pad:], v[row : row + 1, :, pad:], chunk_bias
             )
     return out
 

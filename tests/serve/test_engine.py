@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import queue
 import time
 
 import pytest
 import torch
 
+from dbrx_train.model import DbrxLM
+from dbrx_train.model.config import AttentionConfig
 from dbrx_train.model.quantize import quantize
 from dbrx_train.serve.engine import Engine, SamplingParams, ServableModel
+from tests.serve.conftest import TINY
 
 GREEDY = dict(temperature=0.0)
 
@@ -175,3 +179,24 @@ def test_the_engine_serves_what_fits_servable_model_and_names_what_does_not(tiny
     assert isinstance(int8, ServableModel)  # a quantized model fits as it is
     with pytest.raises(TypeError, match='Linear cannot be served: it lacks what ServableModel names'):
         Engine(torch.nn.Linear(2, 2), codec)
+
+
+def test_a_32k_prompt_is_prefilled_in_chunks_within_max_seq_len(codec):
+    """DBRX's context: a 32K prompt, prefilled in 1024-token chunks, then decoded beside a short one
+    (a left-padded batch 32K wide), continues as `generate` continues each prompt alone."""
+    torch.manual_seed(0)
+    config = dataclasses.replace(TINY, d_model=32, n_heads=1, n_layers=1, max_seq_len=32768,
+                                 attn_config=AttentionConfig(kv_n_heads=1))
+    model = DbrxLM(config).eval()
+    long = torch.randint(0, 100_000, (32768 - 4,), generator=torch.Generator().manual_seed(0)).tolist()
+    short = long[-50:]
+    engine = Engine(model, codec, max_batch_size=2, prefill_chunk=1024)
+    engine.start()
+    try:
+        results = collect(engine, [(long, SamplingParams(max_tokens=4, **GREEDY)),
+                                   (short, SamplingParams(max_tokens=4, **GREEDY))], timeout=120)
+    finally:
+        engine.stop()
+    for prompt, outputs in zip((long, short), results):
+        expected = model.generate(torch.tensor([prompt]), max_new_tokens=4, stop_token_ids=())[0, len(prompt):]
+        assert tokens_of(outputs) == expected.tolist()
