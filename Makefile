@@ -28,6 +28,7 @@ bench: $(STAMP)
 	$(PY) bench/bench_serve.py
 	$(PY) bench/bench_curriculum.py
 	$(PY) bench/bench_expert_parallel.py
+	$(PY) bench/bench_long_context.py
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info
