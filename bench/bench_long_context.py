@@ -2,8 +2,8 @@
 
     .venv/bin/python bench/bench_long_context.py [--quick] [--seqs 4096 8192 16384 32768] [--candidates] [--json PATH]
 
-Each measurement runs in a fresh process (its peak RSS is the step's alone): a warm-up step, then
-one timed step with the peak-RSS counter reset. Variants, on the same weights and tokens:
+Each measurement runs in a fresh process: one step, timed, with the peak-RSS counter reset after
+the model is built (a warm-up step would double a run that takes minutes on a shared machine). Variants, on the same weights and tokens:
 
     causal            one sequence per row: SDPA's causal kernel (the reference)
     packed            examples of about 1K tokens side by side (683, 1024, 1365, ...): `Documents`
@@ -94,8 +94,7 @@ def child(variant: str, seq: int) -> dict:
 
         def step():
             twin(ids, labels=ids, output_router_logits=True, use_cache=False).loss.backward()
-    step()
-    reset_peak_resident()
+    reset_peak_resident()  # the weights are in; the step's own memory is what differs
     start = time.perf_counter()
     step()
     return {'seconds': time.perf_counter() - start, 'peak_mib': peak_resident_mib()}
@@ -186,8 +185,9 @@ def main(argv=None) -> None:
         for variant in VARIANTS:
             if (variant == 'packed, dense' and seq > DENSE_UP_TO) or (variant == 'transformers' and seq > HF_UP_TO):
                 continue
-            print(f'{variant} at {seq} ({time.perf_counter() - started:.0f}s so far)', file=sys.stderr, flush=True)
             results[(variant, seq)] = in_fresh_process(variant, str(seq))
+            print(f'{variant} at {seq}: {results[(variant, seq)]} ({time.perf_counter() - started:.0f}s so far, '
+                  f'load {load_average()})', file=sys.stderr, flush=True)
         loads.append(load_average())
 
     def cell(variant, seq, key, fmt):
@@ -202,7 +202,7 @@ def main(argv=None) -> None:
           '| causal MiB | packed MiB | packed / causal memory | packed, dense MiB | dense / causal memory '
           '| transformers MiB |')
     print('|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|')
-    for seq in seqs:
+    for seq in sorted(seqs):
         print(f'| {seq:,} | ' + ' | '.join([
             cell('causal', seq, 'seconds', '{:.2f}'), cell('packed', seq, 'seconds', '{:.2f}'),
             ratio('packed', seq, 'seconds'), cell('packed, dense', seq, 'seconds', '{:.2f}'),
@@ -215,8 +215,8 @@ def main(argv=None) -> None:
              f'max_seq_len = seq; fp32; one row; loss (LM + load balancing) and backward; {THREADS} threads',
              f'packed rows: {len(example_lengths(16384))} examples at 16K (lengths 683, 1024, 1365, ... in turn); '
              'positions restart per example',
-             'time: one step after a warm-up step, each variant in its own process; memory: peak RSS (VmHWM reset '
-             'after the warm-up) of that process',
+             'time: one step, each variant in its own process, lengths run in the order given; memory: peak RSS '
+             '(VmHWM reset once the model is built) of that process',
              f'{time.strftime("%Y-%m-%d")}, commit {commit()}, torch {torch.__version__}, CPU capability '
              f'{torch.backends.cpu.get_cpu_capability()} ({platform.machine()}); load average (1/5/15 min) before '
              f'and after each length: {" -> ".join(loads)}']
