@@ -5,10 +5,10 @@ import torch
 from composer import Trainer
 from torch.utils.data import DataLoader
 
+from dbrx_train.composer_model import ComposerDbrx
+from dbrx_train.constants import IGNORE_INDEX
 from dbrx_train.data.finetuning import collate_finetuning
 from dbrx_train.model.config import AttentionConfig, FFNConfig, ModelConfig
-from dbrx_train.model.dbrx import IGNORE_INDEX
-from dbrx_train.training.composer_model import ComposerDbrx
 
 MAX_SEQ_LEN = 32768
 EXAMPLES = (20000, 1, 9000, 3000)  # uneven, one of a single token; 767 tokens of padding end the row
