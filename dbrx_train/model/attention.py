@@ -7,9 +7,10 @@ A forward pass describes its mask once and every layer calls `mask.attend(q, k, 
     LeftPadded(padding)       rows that start with `padding[row]` padding tokens (batched prompts)
     Dense(allowed)            anything else: a boolean `(batch, 1, queries, keys)` mask
 
-Only `Dense` holds a `(queries, keys)` mask. The others run on SDPA's causal fast path, whose
-memory grows with the sequence, not with its square: a packed 32K row costs what a plain one does.
-bench/bench_long_context.py measures them (and the candidates that lost) against plain rows.
+Only `Dense` holds a `(seq, seq)` mask (a prompt chunk after a KV cache takes a `(chunk, keys)`
+one). The others run on SDPA's causal fast path, whose memory grows with the sequence, not with
+its square: a packed 32K row costs no more than a plain one. bench/bench_long_context.py measures
+them (and the candidates that lost) against plain rows.
 """
 
 from __future__ import annotations
