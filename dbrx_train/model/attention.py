@@ -5,10 +5,10 @@ A forward pass describes its mask once and every layer calls `mask.attend(q, k, 
     Causal()                  each row is one sequence (with a KV cache: the queries are its last tokens)
     Documents(lengths)        packed rows: examples side by side, each attending only within itself
     LeftPadded(padding)       rows that start with `padding[row]` padding tokens (batched prompts)
-    Dense(allowed)            anything else: a boolean `(batch, 1, queries, keys)` mask
+    Dense(allowed)            anything else, and decoding steps: a boolean `(batch, 1, queries, keys)` mask
 
-Only `Dense` holds a `(seq, seq)` mask (a prompt chunk after a KV cache takes a `(chunk, keys)`
-one). The others run on SDPA's causal fast path, whose memory grows with the sequence, not with
+Only `Dense` holds a `(seq, seq)` mask, and only for patterns no per-row count describes (a
+decoding step's is `(1, keys)`; a prompt chunk after a KV cache takes a `(chunk, keys)` one). The others run on SDPA's causal fast path, whose memory grows with the sequence, not with
 its square: a packed 32K row costs no more than a plain one. bench/bench_long_context.py measures
 them (and the candidates that lost) against plain rows.
 """
@@ -88,17 +88,14 @@ class LeftPadded(AttentionMask):
     themselves. A padding query's output is zero (nothing reads it)."""
 
     padding: tuple[int, ...]
-    key_is_real: torch.Tensor  # (batch, keys) bool, the same rule as a tensor (for one-token steps)
     chunk_bias: ChunkBias = field(default_factory=ChunkBias, repr=False)
 
+    # Not traced by torch.compile: a graph specialised on each padding pattern would recompile every batch.
+    @torch.compiler.disable
     def attend(self, q, k, v):
-        queries, keys = q.shape[2], k.shape[2]
-        if queries == 1:  # decoding: one batched call, a (batch, 1, 1, keys) mask
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=self.key_is_real[:, None, None, :keys])
         return _rows_sliced(q, k, v, self.padding, self.chunk_bias)
 
 
-@torch.compiler.disable  # Python-int slicing: one graph per padding pattern would recompile every batch
 def _rows_sliced(q, k, v, padding, chunk_bias):
     queries, keys = q.shape[2], k.shape[2]
     out = q.new_zeros(q.shape)
@@ -128,11 +125,11 @@ class Documents(AttentionMask):
             rows.append(tuple(end - start for start, end in zip(bounds, bounds[1:])))
         return cls(tuple(rows))
 
+    @torch.compiler.disable  # as LeftPadded.attend: each packing would be a new graph
     def attend(self, q, k, v):
         return _documents_sliced(q, k, v, self.lengths)
 
 
-@torch.compiler.disable  # see _rows_sliced
 def _documents_sliced(q, k, v, lengths):
     """One causal SDPA call per example on its slice of the row: the fused kernel, no mask, no work
     between examples. Of the candidates measured on CPU (bench/bench_long_context.py) the only one

@@ -212,7 +212,9 @@ class DbrxLM(nn.Module):
     @staticmethod
     def _positions_and_mask(batch, seq, past, attention_mask, device) -> tuple[torch.Tensor, AttentionMask]:
         """Positions of the `seq` new tokens and their mask. A left-padded `attention_mask` (each
-        row: zeros, then ones) becomes `LeftPadded`, a per-row count; any other pattern `Dense`."""
+        row: zeros, then ones) becomes `LeftPadded`, a per-row count; any other pattern `Dense`.
+        One new token (decoding) takes `Dense` too: its `(batch, 1, 1, keys)` mask is the key mask
+        alone, and needs no look at the pattern (no host sync)."""
         if attention_mask is None:
             return torch.arange(past, past + seq, device=device).expand(batch, seq), Causal()
         key_is_real = attention_mask.to(device=device, dtype=torch.bool)
@@ -220,9 +222,9 @@ class DbrxLM(nn.Module):
         keys = past + seq
         padding = (~key_is_real).sum(dim=-1)
         key_idx = torch.arange(keys, device=device)
-        if torch.equal(key_is_real, key_idx[None, :] >= padding[:, None]):
+        if seq > 1 and torch.equal(key_is_real, key_idx[None, :] >= padding[:, None]):
             padding = tuple(padding.tolist())
-            return position_ids, LeftPadded(padding, key_is_real) if any(padding) else Causal()
+            return position_ids, LeftPadded(padding) if any(padding) else Causal()
         query_idx = torch.arange(past, keys, device=device)
         allowed = (key_idx[None, :] <= query_idx[:, None])[None] & key_is_real[:, None, :]
         # A padding query would otherwise see no key at all (NaN); let it see itself.

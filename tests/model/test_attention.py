@@ -91,6 +91,8 @@ def test_masks_are_described_without_a_square_mask(model):
     assert isinstance(model._positions_and_mask(2, 5, 0, None, 'cpu')[1], Causal)
     holes = torch.tensor([[1, 0, 1, 1, 1], [1, 1, 1, 1, 0]])
     assert isinstance(model._positions_and_mask(2, 5, 0, holes, 'cpu')[1], Dense)
+    _, decoding = model._positions_and_mask(2, 1, 4, mask, 'cpu')  # one new token: its key mask alone
+    assert isinstance(decoding, Dense) and decoding.allowed.shape == (2, 1, 1, 5)
 
 
 @torch.no_grad()
@@ -119,11 +121,11 @@ def test_each_mask_kind_matches_its_dense_equivalent():
     doc = torch.tensor([[0] * 4 + [1] + [2] * 5, [0] * 10])
     dense_docs = (doc[:, :, None] == doc[:, None, :]) & causal
     torch.testing.assert_close(documents.attend(q, k, v), Dense(dense_docs[:, None]).attend(q, k, v))
-    padded = LeftPadded((3, 0), idx[None, :] >= torch.tensor([[3], [0]]))
-    dense_pad = causal[None] & padded.key_is_real[:, None, :]
+    padded = LeftPadded((3, 0))
+    dense_pad = causal[None] & (idx[None, :] >= torch.tensor([[3], [0]]))[:, None, :]
     expected = Dense(dense_pad[:, None]).attend(q, k, v)
     torch.testing.assert_close(padded.attend(q, k, v)[0, :, 3:], expected[0, :, 3:])
     torch.testing.assert_close(padded.attend(q, k, v)[1], expected[1])
-    # The last 4 queries over all 10 keys (a chunk after a cached part), and one decoding step.
+    # The last 4 queries over all 10 keys (a chunk after a cached part), padded or not.
     torch.testing.assert_close(Causal().attend(q[:, :, 6:], k, v), Dense(causal[6:]).attend(q[:, :, 6:], k, v))
-    torch.testing.assert_close(padded.attend(q[:, :, 9:], k, v), expected[:, :, 9:])
+    torch.testing.assert_close(padded.attend(q[:, :, 6:], k, v), expected[:, :, 6:])
