@@ -148,9 +148,13 @@ CANDIDATES = ('causal (no packing)', 'per-example SDPA slices (kept)', 'dense (s
               'flex_attention, compiled', 'nested (jagged) SDPA')
 
 
-def in_fresh_process(*args: str, timeout: float = 900) -> dict:
-    out = subprocess.run([sys.executable, __file__, '--child', *args], capture_output=True, text=True,
-                         timeout=timeout, cwd=Path(__file__).parent, env={**os.environ, 'PYTHONWARNINGS': 'ignore'})
+def in_fresh_process(*args: str, timeout: float = 1800) -> dict:
+    try:
+        out = subprocess.run([sys.executable, __file__, '--child', *args], capture_output=True, text=True,
+                             timeout=timeout, cwd=Path(__file__).parent,
+                             env={**os.environ, 'PYTHONWARNINGS': 'ignore'})
+    except subprocess.TimeoutExpired:
+        return {'error': f'no result within {timeout:.0f}s'}
     if out.returncode:
         return {'error': (out.stderr.strip().splitlines() or ['no output'])[-1][:120]}
     return json.loads(out.stdout.strip().splitlines()[-1])
