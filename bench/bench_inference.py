@@ -1,5 +1,5 @@
-"""Inference in fp32, bf16 and weight-only int8 against transformers' fp32 and bf16 `generate`, with
-the memory-bandwidth ceiling of batch-1 decoding and what quantization costs in quality.
+"""Inference in fp32, bf16, weight-only int8 and int4 (groups of 128) against transformers' fp32 and bf16
+`generate`, with the memory-bandwidth ceiling of batch-1 decoding and what quantization costs in quality.
 
     .venv/bin/python bench/bench_inference.py [--quick] [--only peak decode quality] [--checkpoint DIR] [--json PATH]
 
@@ -35,7 +35,8 @@ SECTIONS = ('peak', 'decode', 'quality')
 PROMPT_LEN = 16
 DEMO_CHECKPOINT = Path('runs/dbrx-tiny/checkpoints')
 # (name, dtype, quantization) of our variants; transformers runs the first two dtypes.
-OURS = (('fp32', torch.float32, None), ('bf16', torch.bfloat16, None), ('int8', torch.bfloat16, 'int8'))
+OURS = (('fp32', torch.float32, None), ('bf16', torch.bfloat16, None), ('int8', torch.bfloat16, 'int8'),
+        ('int4', torch.bfloat16, 'int4'))
 HF = (('fp32', torch.float32), ('bf16', torch.bfloat16))
 
 

@@ -167,14 +167,14 @@ def open_saved(path: str | Path) -> SavedModel:
 
 
 def load_pretrained(path: str | Path, device='cpu', dtype: torch.dtype | None = None,
-                    quantize: str | None = None) -> DbrxLM:
+                    quantize: str | None = None, group_size: int | None = None) -> DbrxLM:
     """The model saved at `path` (any format above, LoRA adapters merged), on `device`, in eval mode.
-    `dtype` None keeps the stored dtype, except that `quantize` ('int8', see
-    `dbrx_train.model.quantize`) computes in bfloat16 unless told otherwise: torch's int8 CPU kernel
-    is fast only with 16-bit activations."""
+    `dtype` None keeps the stored dtype, except that `quantize` ('int8' or 'int4', see
+    `dbrx_train.model.quantize`; `group_size` for int4, 128 by default) computes in bfloat16 unless
+    told otherwise: torch's int8 CPU kernel is fast only with 16-bit activations."""
     if quantize is not None and dtype is None:
         dtype = torch.bfloat16
-    return quantize_model(open_saved(path).load(device, dtype), quantize).eval()
+    return quantize_model(open_saved(path).load(device, dtype), quantize, group_size=group_size).eval()
 
 
 def local_part(tensor: torch.Tensor) -> torch.Tensor:

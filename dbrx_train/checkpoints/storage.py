@@ -44,9 +44,10 @@ _CHECKPOINT_FILE = re.compile(
     r'|model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json'
     r'|tokenizer\.json|tokenizer_config\.json|special_tokens_map\.json'  # what an export adds
 )
-# Floats, and the int8 matrices of a quantized checkpoint (dbrx_train/model/quantize.py).
+# Floats, and the int8 and packed int4 (uint8) matrices of a quantized checkpoint
+# (dbrx_train/model/quantize.py).
 _SAFETENSORS_DTYPES = {'F64': torch.float64, 'F32': torch.float32, 'F16': torch.float16, 'BF16': torch.bfloat16,
-                       'I8': torch.int8}
+                       'I8': torch.int8, 'U8': torch.uint8}
 
 
 @dataclass(frozen=True)

@@ -139,9 +139,11 @@ class EvalConfig:
     icl_subset_num_batches: int | None = None  # per task (None: all of it)
     precision: Literal['fp32', 'amp_bf16', 'amp_fp16'] = 'fp32'
     # The weights' dtype for inference (None: as stored; bfloat16 with quantize) and weight-only
-    # quantization ('int8', dbrx_train/model/quantize.py), as `load_pretrained` takes them.
+    # quantization ('int8' or 'int4', dbrx_train/model/quantize.py; int4 in groups of
+    # quantize_group_size, None: 128), as `load_pretrained` takes them.
     dtype: Literal['float32', 'bfloat16', 'float16'] | None = None
     quantize: Quantization | None = None
+    quantize_group_size: int | None = None
     device: Literal['auto', 'cpu', 'gpu'] = 'auto'
     loggers: dict[str, dict[str, Any]] = field(default_factory=dict)  # by llm-foundry registry name
     progress_bar: bool = True

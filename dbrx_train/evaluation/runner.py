@@ -51,7 +51,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, float]:
     if cfg.icl_tasks is not None:
         evaluators += build_icl_evaluators(cfg.icl_tasks, cfg.icl_seq_len or seq_len, cfg.device_eval_batch_size,
                                            cfg.icl_subset_num_batches)
-    model = load_pretrained(cfg.checkpoint, dtype=cfg.dtype and getattr(torch, cfg.dtype), quantize=cfg.quantize)
+    model = load_pretrained(cfg.checkpoint, dtype=cfg.dtype and getattr(torch, cfg.dtype), quantize=cfg.quantize,
+                            group_size=cfg.quantize_group_size)
     recorder = InMemoryLogger()
     loggers = [build_from_registry('loggers', n, kw or {}, build_logger) for n, kw in cfg.loggers.items()]
     with warnings.catch_warnings():

@@ -14,7 +14,9 @@ from dbrx_train.errors import ConfigError
 # The backends that exist (dbrx_train/model/moe); 'auto' picks the best one that runs here.
 MoEBackendName = Literal['auto', 'torch']
 # Weight-only quantizations (dbrx_train/model/quantize.py).
-Quantization = Literal['int8']
+Quantization = Literal['int8', 'int4']
+# int4's group sizes: those torch's CPU int4 kernel takes.
+INT4_GROUP_SIZES = (32, 64, 128, 256)
 
 
 @dataclass(frozen=True)
@@ -75,9 +77,11 @@ class ModelConfig:
     init_std: float = 0.02
     # Which dropless MoE implementation runs the experts; the weights are the same for all.
     moe_backend: MoEBackendName = 'auto'
-    # How the matrices are stored: None in float; 'int8' per-channel int8 (a quantized checkpoint,
-    # written by saving a model `dbrx_train.model.quantize` quantized; it is for inference only).
+    # How the matrices are stored: None in float; 'int8' per-channel int8, 'int4' group-wise int4
+    # (a quantized checkpoint, written by saving a model `dbrx_train.model.quantize` quantized; it
+    # is for inference only). int4 groups this many input weights per scale and zero point.
     quantization: Quantization | None = None
+    quantization_group_size: int = 128
 
     def check(self) -> None:
         for name in ('d_model', 'n_heads', 'n_layers', 'max_seq_len', 'vocab_size'):
@@ -94,6 +98,9 @@ class ModelConfig:
             )
         if self.init_std <= 0:
             raise ConfigError('init_std', f'must be positive, got {self.init_std}')
+        if self.quantization_group_size not in INT4_GROUP_SIZES:
+            raise ConfigError('quantization_group_size', f'must be one of {", ".join(map(str, INT4_GROUP_SIZES))}, '
+                                                         f'got {self.quantization_group_size}')
 
     @property
     def head_dim(self) -> int:

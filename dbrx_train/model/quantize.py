@@ -1,16 +1,34 @@
-"""Weight-only int8 quantization for inference: fewer bytes per weight read per decoded token.
+"""Weight-only quantization for inference: fewer bytes per weight read per decoded token.
 
-`quantize(model, 'int8')` replaces, in place, every matrix a token multiplies by — attention's
-`Wqkv` and `out_proj`, each expert's `w1`/`v1`/`w2` slice and the LM head — with int8 weights and
-one scale per output channel (symmetric, `w ≈ q * scale`, `|q| <= 127`). Activations, the
-embedding table, norms and the router stay in the model's float dtype, which is also the dtype
-of the scales and of every output. The matmuls are torch's `_weight_int8pack_mm` (int8 weight,
-float activations) where the device has that kernel, else a dequantizing `F.linear`.
+`quantize(model, method)` replaces, in place, every matrix a token multiplies by — attention's
+`Wqkv` and `out_proj`, each expert's `w1`/`v1`/`w2` slice and the LM head — with quantized weights.
+Activations, the embedding table, norms and the router stay in the model's float dtype, which is
+also the dtype of the scales and zero points and of every output. Two weight formats:
 
-The quantized modules keep their tensors as buffers (`weight`/`scales`, and `w1`, `w1_scales`,
-...) and `model.config.quantization` records the method, so `save_checkpoint` writes a quantized
-checkpoint as it is (int8 tensors, scales, the marker in config.yaml) and loading one builds the
+- `int8`: one scale per output channel, symmetric (`w ≈ q * scale`, `|q| <= 127`), 8 bits per
+  weight. Matmuls: torch's `_weight_int8pack_mm` where it runs well, else a dequantizing `F.linear`.
+- `int4`: groups of `group_size` (default 128) consecutive input weights of a row share one scale
+  and one zero point (asymmetric, `w ≈ (q - 8) * scale + zero`, `0 <= q <= 15`), 4 + 32/128 = 4.25
+  bits per weight with 16-bit scales. Matmuls: torch's `_weight_int4pack_mm_for_cpu` (any float
+  activations on CPU, groups of 32/64/128/256, output widths that are multiples of 16), else a
+  dequantizing `F.linear`. `zero` is the value of the grid's midpoint `q = 8`: the kernel's convention.
+
+The quantized modules keep their tensors as buffers (`weight`/`scales`[/`zeros`], and `w1`,
+`w1_scales`, ...) and `model.config.quantization` (with `quantization_group_size`) records the
+format, so `save_checkpoint` writes a quantized checkpoint as it is and loading one builds the
 quantized layout (`DbrxLM` calls `quantize(..., empty=True)`) and fills it: no re-quantizing.
+
+int4 weights are stored as two 4-bit values per byte along the input dimension (`(out, in // 2)`
+uint8, the even column in the low nibble): a layout that does not depend on the machine. The CPU
+kernel wants another one, which torch chooses by CPU capability (AVX-512, AVX2 or scalar blocks
+differ), so it cannot be what a checkpoint holds; each module repacks a matrix for the kernel on
+its first use and keeps that copy (rebuilt if the stored weights change). The price is a second
+copy of the 4-bit weights in memory while the model serves (8.5 bits per weight resident).
+
+torchao (0.11.0 is the release for torch 2.7 and installs here) was not adopted: its int4 CPU
+layout runs the same aten kernel, but as a tensor subclass of `nn.Linear` weights it covers neither
+the fused `(E * ffn, d)` expert weights nor a machine-independent checkpoint, and it would add a
+dependency pinned to one torch release; the two aten ops are all it would contribute.
 """
 
 from __future__ import annotations
@@ -23,13 +41,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from dbrx_train.errors import ConfigError
-from dbrx_train.model.config import Quantization
+from dbrx_train.model.config import INT4_GROUP_SIZES, Quantization
 from dbrx_train.model.moe import Experts, GLUExperts, replace_experts
 from dbrx_train.model.moe.torch_dropless import ExpertFFN, dropless_moe
 
 QUANTIZATIONS: tuple[str, ...] = get_args(Quantization)
 _INT8_MAX = 127
+_INT4_MAX, _INT4_MID = 15, 8
 _KERNEL_DTYPES = (torch.bfloat16, torch.float16)
+_TINY = torch.finfo(torch.float32).tiny
 
 
 def check_quantization(value: str | None, key: str = 'quantize') -> None:
@@ -38,19 +58,22 @@ def check_quantization(value: str | None, key: str = 'quantize') -> None:
         raise ConfigError(key, f'unknown quantization {value!r}; choose from {", ".join(QUANTIZATIONS)}')
 
 
+def _has_kernel(op: str, device: torch.device, keys=('cpu', 'cuda', 'mps')) -> bool:
+    key = {'cpu': 'CPU', 'cuda': 'CUDA', 'mps': 'MPS'}.get(device.type)
+    return device.type in keys and torch._C._dispatch_has_kernel_for_dispatch_key(f'aten::{op}', key)
+
+
+# ---------------------------------------------------------------- int8
+
+
 def quantize_rows(weight: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """`(int8 weight, scales)` of a `(out, in)` matrix, one `dtype` scale per row (output channel).
     The int8 values are rounded against the scales as stored in `dtype`, so `q * scale` is the
     nearest grid point to each weight of the model that runs."""
     w = weight.detach().float()
-    scales = (w.abs().amax(dim=1) / _INT8_MAX).clamp(min=torch.finfo(torch.float32).tiny).to(dtype)
+    scales = (w.abs().amax(dim=1) / _INT8_MAX).clamp(min=_TINY).to(dtype)
     q = (w / scales.float()[:, None]).round().clamp(-_INT8_MAX, _INT8_MAX).to(torch.int8)
     return q, scales
-
-
-def _has_int8pack_kernel(device: torch.device) -> bool:
-    key = {'cpu': 'CPU', 'cuda': 'CUDA', 'mps': 'MPS'}.get(device.type)
-    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key('aten::_weight_int8pack_mm', key)
 
 
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -58,93 +81,256 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> 
     runs well, else a dequantizing `F.linear`. Torch 2.7's CPU kernel is fast only for 16-bit
     activations (fp32 ones take a scalar loop, 2x slower than an fp32 `F.linear`) and needs the
     input width to be a multiple of 8 (other widths read out of bounds)."""
-    if x.dtype not in _KERNEL_DTYPES or weight.shape[1] % 8 or not _has_int8pack_kernel(x.device):
+    if x.dtype not in _KERNEL_DTYPES or weight.shape[1] % 8 or not _has_kernel('_weight_int8pack_mm', x.device):
         return F.linear(x, weight.to(x.dtype)) * scales
     out = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), weight, scales)
     return out.view(*x.shape[:-1], weight.shape[0])
 
 
-class Int8Linear(nn.Module):
-    """A bias-free `nn.Linear` with int8 weights and per-output-channel scales."""
+# ---------------------------------------------------------------- int4
 
-    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype, device=None):
+
+def quantize_groups(weight: torch.Tensor, group_size: int,
+                    dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`(packed int4 weight, scales, zeros)` of a `(out, in)` matrix: `(out, in // 2)` uint8 and
+    `(out, in // group_size)` `dtype`. Each group's range [min, max] maps onto the 16 levels; the
+    values are rounded against the scales and zeros as stored in `dtype`."""
+    out_features, in_features = weight.shape
+    w = weight.detach().float().view(out_features, -1, group_size)
+    low, high = w.amin(dim=-1), w.amax(dim=-1)
+    scales = ((high - low) / _INT4_MAX).clamp(min=_TINY).to(dtype)
+    zeros = (low + _INT4_MID * scales.float()).to(dtype)
+    q = ((w - zeros.float()[..., None]) / scales.float()[..., None] + _INT4_MID).round().clamp(0, _INT4_MAX)
+    return pack_int4(q.to(torch.uint8).view(out_features, in_features)), scales, zeros
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """Values 0..15 `(out, in)` as bytes `(out, in // 2)`, the even column in the low nibble."""
+    return q[:, ::2] | (q[:, 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of `pack_int4`: uint8 values 0..15, `(out, 2 * packed.shape[1])`."""
+    return torch.stack((packed & 0xF, packed >> 4), dim=-1).view(packed.shape[0], -1)
+
+
+def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                    dtype: torch.dtype) -> torch.Tensor:
+    """The `(out, in)` matrix in `dtype` that `quantize_groups` stored."""
+    q = unpack_int4(packed).view(*scales.shape, -1).to(dtype)
+    return ((q - _INT4_MID) * scales[..., None].to(dtype) + zeros[..., None].to(dtype)).flatten(1)
+
+
+def int4_kernel_runs(x: torch.Tensor, out_features: int, group_size: int) -> bool:
+    """Whether torch's int4 CPU kernel takes this matmul: groups and output width it supports."""
+    return (group_size in INT4_GROUP_SIZES and out_features % 16 == 0
+            and _has_kernel('_weight_int4pack_mm_for_cpu', x.device, keys=('cpu',)))
+
+
+class Int4KernelCache:
+    """The kernel's copies of a module's int4 matrices, made on first use: the weight in torch's
+    CPU-specific packing and the scales and zeros as one `(in // group, out, 2)` tensor in the
+    activations' dtype. An entry is remade when its stored weight changed (loaded, or copied into)."""
+
+    def __init__(self):
+        self.entries: dict[object, tuple[tuple[int, int], torch.Tensor, torch.Tensor]] = {}
+
+    def get(self, key, x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor):
+        stamp = (packed._version, packed.data_ptr(), x.dtype)
+        entry = self.entries.get(key)
+        if entry is None or entry[0] != stamp:
+            weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_int4(packed).to(torch.int32), 1)
+            scales_and_zeros = torch.stack((scales, zeros), dim=-1).transpose(0, 1).to(x.dtype).contiguous()
+            entry = self.entries[key] = (stamp, weight, scales_and_zeros)
+        return entry[1], entry[2]
+
+
+def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                cache: Int4KernelCache, key) -> torch.Tensor:
+    """`x @ W.T` for the int4 matrix `W` (`quantize_groups`' three tensors), with torch's CPU kernel
+    (its repacked weight kept in `cache` under `key`) where it runs, else a dequantizing `F.linear`."""
+    out_features, in_features = packed.shape[0], 2 * packed.shape[1]
+    group_size = in_features // scales.shape[1]
+    if not int4_kernel_runs(x, out_features, group_size):
+        return F.linear(x, dequantize_int4(packed, scales, zeros, x.dtype))
+    weight, scales_and_zeros = cache.get(key, x, packed, scales, zeros)
+    out = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, in_features), weight, group_size,
+                                                      scales_and_zeros)
+    return out.view(*x.shape[:-1], out_features)
+
+
+# ---------------------------------------------------------------- formats and modules
+
+
+class WeightFormat:
+    """How a quantized `(out, in)` matrix is stored and multiplied by. `parts` names its tensors:
+    the weight itself ('') and the others by suffix ('scales', ...); None as dtype is the model's."""
+
+    name: str
+    suffixes: tuple[str, ...]
+
+    def parts(self, out_features: int, in_features: int) -> dict[str, tuple[tuple[int, ...], torch.dtype | None]]:
+        raise NotImplementedError
+
+    def check_width(self, in_features: int, what: str) -> None:
+        """One clear line when a matrix `what` of this input width cannot be stored this way."""
+
+    def quantize(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def linear(self, x: torch.Tensor, parts: dict[str, torch.Tensor], cache: Int4KernelCache, key) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class Int8Format(WeightFormat):
+    name, suffixes = 'int8', ('', 'scales')
+
+    def parts(self, out_features, in_features):
+        return {'': ((out_features, in_features), torch.int8), 'scales': ((out_features,), None)}
+
+    def quantize(self, weight):
+        q, scales = quantize_rows(weight, weight.dtype)
+        return {'': q, 'scales': scales}
+
+    def linear(self, x, parts, cache, key):
+        return int8_linear(x, parts[''], parts['scales'])
+
+
+class Int4Format(WeightFormat):
+    name, suffixes = 'int4', ('', 'scales', 'zeros')
+
+    def __init__(self, group_size: int):
+        self.group_size = group_size
+
+    def parts(self, out_features, in_features):
+        groups = (out_features, in_features // self.group_size)
+        return {'': ((out_features, in_features // 2), torch.uint8), 'scales': (groups, None), 'zeros': (groups, None)}
+
+    def check_width(self, in_features, what):
+        if in_features % self.group_size:
+            raise ConfigError('quantize', f'int4 groups of {self.group_size} weights do not divide the width '
+                                          f'{in_features} of {what}; choose a group_size that divides it')
+
+    def quantize(self, weight):
+        packed, scales, zeros = quantize_groups(weight, self.group_size, weight.dtype)
+        return {'': packed, 'scales': scales, 'zeros': zeros}
+
+    def linear(self, x, parts, cache, key):
+        return int4_linear(x, parts[''], parts['scales'], parts['zeros'], cache, key)
+
+
+def weight_format(method: str, group_size: int) -> WeightFormat:
+    return Int4Format(group_size) if method == 'int4' else Int8Format()
+
+
+class QuantizedLinear(nn.Module):
+    """A bias-free `nn.Linear` whose weight is stored in a quantized `WeightFormat`: buffers
+    `weight` and the format's others (`scales`, ...)."""
+
+    def __init__(self, in_features: int, out_features: int, fmt: WeightFormat, dtype: torch.dtype, device=None):
         super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.register_buffer('weight', torch.empty(out_features, in_features, dtype=torch.int8, device=device))
-        self.register_buffer('scales', torch.empty(out_features, dtype=dtype, device=device))
+        self.in_features, self.out_features, self.format = in_features, out_features, fmt
+        self.kernel_cache = Int4KernelCache()
+        for suffix, (shape, part_dtype) in fmt.parts(out_features, in_features).items():
+            self.register_buffer(suffix or 'weight', torch.empty(shape, dtype=part_dtype or dtype, device=device))
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, empty: bool = False) -> 'Int8Linear':
+    def from_linear(cls, linear: nn.Linear, fmt: WeightFormat, empty: bool = False) -> 'QuantizedLinear':
         w = linear.weight
-        module = cls(linear.in_features, linear.out_features, w.dtype, w.device)
+        module = cls(linear.in_features, linear.out_features, fmt, w.dtype, w.device)
         if not empty:
-            module.weight, module.scales = quantize_rows(w, w.dtype)
+            for suffix, tensor in fmt.quantize(w).items():
+                setattr(module, suffix or 'weight', tensor)
         return module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return int8_linear(x, self.weight, self.scales)
+        parts = {suffix: getattr(self, suffix or 'weight') for suffix in self.format.suffixes}
+        return self.format.linear(x, parts, self.kernel_cache, None)
 
     def extra_repr(self) -> str:
-        return f'in_features={self.in_features}, out_features={self.out_features}, int8'
+        return f'in_features={self.in_features}, out_features={self.out_features}, {self.format.name}'
 
 
-class Int8Experts(Experts):
-    """The dropless GLU experts with int8 weights. `w1`/`v1` keep the float layout `(E * ffn, d)`
-    (a row is an output channel); `w2` is stored per expert transposed, `(E * d, ffn)`, so that its
-    output channels are rows too and every expert multiplies by a contiguous `(out, in)` block."""
+class QuantizedExperts(Experts):
+    """The dropless GLU experts with weights in a quantized `WeightFormat`. `w1`/`v1` keep the float
+    layout `(E * ffn, d)` (a row is an output channel); `w2` is stored per expert transposed,
+    `(E * d, ffn)`, so that its output channels are rows too and every expert multiplies by a
+    contiguous `(out, in)` block. Each matrix's other parts are `w1_scales`, ... (a row per row)."""
 
-    def __init__(self, d_model: int, ffn_hidden_size: int, num_experts: int, dtype: torch.dtype, device=None):
+    def __init__(self, d_model: int, ffn_hidden_size: int, num_experts: int, fmt: WeightFormat, dtype: torch.dtype,
+                 device=None):
         super().__init__(d_model, ffn_hidden_size, num_experts)
-        for name, rows, cols in (('w1', ffn_hidden_size, d_model), ('v1', ffn_hidden_size, d_model),
-                                 ('w2', d_model, ffn_hidden_size)):
-            self.register_buffer(name, torch.empty(num_experts * rows, cols, dtype=torch.int8, device=device))
-            self.register_buffer(f'{name}_scales', torch.empty(num_experts * rows, dtype=dtype, device=device))
+        self.format = fmt
+        self.kernel_cache = Int4KernelCache()
+        for name, rows, cols in self._matrices():
+            for suffix, (shape, part_dtype) in fmt.parts(num_experts * rows, cols).items():
+                self.register_buffer(self._buffer(name, suffix),
+                                     torch.empty(shape, dtype=part_dtype or dtype, device=device))
+
+    def _matrices(self) -> tuple[tuple[str, int, int], ...]:
+        """(name, rows, columns) of one expert's matrices as stored."""
+        ffn, d = self.ffn_hidden_size, self.d_model
+        return ('w1', ffn, d), ('v1', ffn, d), ('w2', d, ffn)
+
+    @staticmethod
+    def _buffer(name: str, suffix: str) -> str:
+        return f'{name}_{suffix}' if suffix else name
 
     @classmethod
-    def from_experts(cls, experts: GLUExperts, empty: bool = False) -> 'Int8Experts':
+    def from_experts(cls, experts: GLUExperts, fmt: WeightFormat, empty: bool = False) -> 'QuantizedExperts':
         e, ffn, d = experts.num_experts, experts.ffn_hidden_size, experts.d_model
-        module = cls(d, ffn, e, experts.w1.dtype, experts.w1.device)
+        module = cls(d, ffn, e, fmt, experts.w1.dtype, experts.w1.device)
         if not empty:
             w2_t = experts.w2.detach().view(e, ffn, d).transpose(1, 2).reshape(e * d, ffn)
             for name, weight in (('w1', experts.w1), ('v1', experts.v1), ('w2', w2_t)):
-                q, scales = quantize_rows(weight, experts.w1.dtype)
-                setattr(module, name, q)
-                setattr(module, f'{name}_scales', scales)
+                for suffix, tensor in fmt.quantize(weight).items():
+                    setattr(module, cls._buffer(name, suffix), tensor)
         return module
 
     def forward(self, x: torch.Tensor, top_weights: torch.Tensor, top_experts: torch.Tensor) -> torch.Tensor:
         return dropless_moe(x, top_weights, top_experts, self.num_experts, self.expert_ffn())
 
     def expert_ffn(self) -> ExpertFFN:
+        def linear(name: str, rows_per_expert: int, e: int, x: torch.Tensor) -> torch.Tensor:
+            rows = slice(e * rows_per_expert, (e + 1) * rows_per_expert)
+            parts = {suffix: getattr(self, self._buffer(name, suffix))[rows] for suffix in self.format.suffixes}
+            return self.format.linear(x, parts, self.kernel_cache, (name, e))
+
         ffn, d = self.ffn_hidden_size, self.d_model
 
         def ffn_of(e: int, rows: torch.Tensor) -> torch.Tensor:
-            up, down = slice(e * ffn, (e + 1) * ffn), slice(e * d, (e + 1) * d)
-            h = int8_linear(rows, self.w1[up], self.w1_scales[up])
-            gated = F.silu(h).mul_(int8_linear(rows, self.v1[up], self.v1_scales[up]))
-            return int8_linear(gated, self.w2[down], self.w2_scales[down])
+            gated = F.silu(linear('w1', ffn, e, rows)).mul_(linear('v1', ffn, e, rows))
+            return linear('w2', d, e, gated)
 
         return ffn_of
 
     def extra_repr(self) -> str:
-        return f'{super().extra_repr()}, int8'
+        return f'{super().extra_repr()}, {self.format.name}'
 
 
 @torch.no_grad()
-def quantize(model, method: str | None, empty: bool = False):
+def quantize(model, method: str | None, empty: bool = False, group_size: int | None = None):
     """Quantizes `model` (a `DbrxLM`) in place and returns it; `method` None, or the method the model
-    is already quantized with, leaves it as it is. `empty` builds the quantized modules with
-    uninitialised tensors (to load a quantized checkpoint into)."""
+    is already quantized with, leaves it as it is. `group_size` (int4; None: the config's, 128 by
+    default) is how many input weights share a scale and zero point. `empty` builds the quantized
+    modules with uninitialised tensors (to load a quantized checkpoint into). A matrix the format
+    cannot store is one clear error before anything changes."""
     check_quantization(method)
     if method is None or method == model.config.quantization and not empty:
         return model
     if model.config.quantization is not None and not empty:
         raise ConfigError('quantize', f'the model is already quantized ({model.config.quantization}); '
                                       f'load its float checkpoint to quantize it as {method}')
+    config = replace(model.config, quantization=method,
+                     quantization_group_size=group_size or model.config.quantization_group_size)
+    config.check()
+    fmt = weight_format(method, config.quantization_group_size)
+    fmt.check_width(config.d_model, 'the attention, expert w1/v1 and LM head matrices (d_model)')
+    fmt.check_width(config.ffn_config.ffn_hidden_size, 'the expert w2 matrices (ffn_hidden_size)')
     for block in model.blocks:
-        block.attn.Wqkv = Int8Linear.from_linear(block.attn.Wqkv, empty)
-        block.attn.out_proj = Int8Linear.from_linear(block.attn.out_proj, empty)
-    replace_experts(model, lambda experts: Int8Experts.from_experts(experts, empty))
-    model.lm_head = Int8Linear.from_linear(model.lm_head, empty)
-    model.config = replace(model.config, quantization=method)
+        block.attn.Wqkv = QuantizedLinear.from_linear(block.attn.Wqkv, fmt, empty)
+        block.attn.out_proj = QuantizedLinear.from_linear(block.attn.out_proj, fmt, empty)
+    replace_experts(model, lambda experts: QuantizedExperts.from_experts(experts, fmt, empty))
+    model.lm_head = QuantizedLinear.from_linear(model.lm_head, fmt, empty)
+    model.config = config
     return model

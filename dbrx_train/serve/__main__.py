@@ -29,7 +29,7 @@ def parse_args(argv: list[str] | None = None) -> ServeConfig:
     parser.add_argument('--host', help='address to bind (default 127.0.0.1: this machine only)')
     parser.add_argument('--port', type=int)
     parser.add_argument('--dtype', help='float32, bfloat16 or float16 (default: as stored)')
-    parser.add_argument('--quantize', help='int8: weight-only int8 matmuls (default: none)')
+    parser.add_argument('--quantize', help='int8 or int4: weight-only int8, or int4 in groups of quantize_group_size (128) (default: none)')
     parser.add_argument('--api-key', help=f'require `Authorization: Bearer KEY` (or set ${API_KEY_ENV})')
     parser.add_argument('overrides', nargs='*', metavar='key=value', help='overrides of --config keys')
     args = parser.parse_args(argv)
@@ -52,7 +52,7 @@ def load_model(config: ServeConfig):
     if device == 'auto':
         device = 'cuda' if torch.cuda.is_available() else 'cpu'
     return load_pretrained(config.checkpoint, device=device, dtype=config.dtype and getattr(torch, config.dtype),
-                           quantize=config.quantize)
+                           quantize=config.quantize, group_size=config.quantize_group_size)
 
 
 @cli_entry

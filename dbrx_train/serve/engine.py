@@ -40,8 +40,8 @@ ARRIVAL_WINDOW_S = 0.005
 
 @runtime_checkable
 class ServableModel(Protocol):
-    """What the engine uses of a model. `DbrxLM`, float or quantized, is one; another backend (int4,
-    Megablocks) fits if it has these."""
+    """What the engine uses of a model. `DbrxLM`, float or quantized (int8, int4), is one; another
+    backend (Megablocks) fits if it has these."""
 
     config: ModelConfig  # layers, heads and context: the KV cache's shape
     wte: nn.Embedding  # its weight's dtype and device are the KV cache's
