@@ -61,8 +61,8 @@ def test_an_eval_yaml_needs_something_to_evaluate_and_a_checkpoint_that_exists(t
         'error: eval_loader: nothing to evaluate: give eval_loader (held-out streams), icl_tasks, or both')
     argv = ['yamls/eval/dbrx-tiny.yaml', f'checkpoint={tmp_path / "gone"}']
     assert one_line_error(eval_entry.main, argv, capsys) == f'error: {tmp_path / "gone"} does not exist'
-    argv = ['yamls/eval/dbrx-tiny.yaml', 'quantize=int4']
-    assert one_line_error(eval_entry.main, argv, capsys).startswith("error: quantize: must be one of 'int8', got 'int4'")
+    line = one_line_error(eval_entry.main, ['yamls/eval/dbrx-tiny.yaml', 'quantize=int3'], capsys)
+    assert line.startswith("error: quantize: must be one of 'int8', 'int4'") and "'int3'" in line
 
 
 def test_lengths_beyond_the_models_positions_are_refused_before_its_weights_are_read(tmp_path, capsys):
