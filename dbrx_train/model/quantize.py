@@ -317,6 +317,9 @@ def quantize(model, method: str | None, empty: bool = False, group_size: int | N
     cannot store is one clear error before anything changes."""
     check_quantization(method)
     if method is None or method == model.config.quantization and not empty:
+        if method == 'int4' and group_size not in (None, model.config.quantization_group_size):
+            raise ConfigError('quantize', f'the model is already int4 in groups of '
+                                          f'{model.config.quantization_group_size}, not {group_size}')
         return model
     if model.config.quantization is not None and not empty:
         raise ConfigError('quantize', f'the model is already quantized ({model.config.quantization}); '

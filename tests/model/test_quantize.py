@@ -149,6 +149,9 @@ def test_int4_group_that_does_not_divide_a_width_is_one_line_and_changes_nothing
     assert model.config.quantization is None and isinstance(model.lm_head, torch.nn.Linear)
     with pytest.raises(ConfigError, match='width 32 of the expert w2 matrices'):
         quantize(model, 'int4', group_size=64)
+    quantize(model, 'int4', group_size=32)
+    with pytest.raises(ConfigError, match=r'^quantize: the model is already int4 in groups of 32, not 64$'):
+        quantize(model, 'int4', group_size=64)
 
 
 def test_unknown_quantization_is_one_clear_line(dense_routing_model):
