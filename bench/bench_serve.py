@@ -2,7 +2,7 @@
 client and for concurrent clients, and time to first token.
 
     .venv/bin/python bench/bench_serve.py [--quick] [--clients 8] [--new-tokens 64] [--dtype bfloat16]
-                                          [--quantize int8] [--json PATH]
+                                          [--quantize int8|int4] [--json PATH]
 
 The server is the real one (`python -m dbrx_train.serve`, its own process, on a checkpoint of the
 same weights), driven over HTTP by the official `openai` client: streaming, greedy, `ignore_eos` so
@@ -156,7 +156,7 @@ def main(argv=None) -> None:
     parser.add_argument('--clients', type=int, help='concurrent clients (default 8)')
     parser.add_argument('--new-tokens', type=int, help='tokens per request (default 64)')
     parser.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32', help='of both models')
-    parser.add_argument('--quantize', choices=('int8',), help="the server's weights (transformers keeps --dtype)")
+    parser.add_argument('--quantize', choices=('int8', 'int4'), help="the server's weights (transformers keeps --dtype)")
     parser.add_argument('--json', help='also write the results here')
     args = parser.parse_args(argv)
     s = QUICK if args.quick else FULL
