@@ -6,6 +6,8 @@
 - peak: the fp32 and bf16 matmul rates of this CPU, and the bandwidth a large matrix-vector product reaches.
 - decode: batch-1 greedy tokens/s, same weights, all variants in turns (medians), on the bench config and on a
   d_model 256 / 4-layer config; each with the bytes one step reads and the share of the ceiling it reaches.
+  "compiled" variants decode with the static-shape cache and the torch.compile'd step
+  (`dbrx_train.model.decode`); their compile time is the first run minus the median.
 - quality: perplexity on a held-out stream of the embedded corpus (code documents past the corpus's token cap,
   never trained on; the docstring stream is used whole) and top-1 agreement with fp32, from a trained checkpoint
   (`make demo` writes runs/dbrx-tiny).
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import os
 import statistics
 import sys
 import time
@@ -28,7 +31,7 @@ from bench_model import log, write_json
 from common import alternate, bench_config, hf_twin, timed
 from dbrx_train.model import DbrxLM
 from dbrx_train.model.quantize import quantize
-from dbrx_train.training.hardware import matmul_peak_flops
+from dbrx_train.training.hardware import cpu_bf16_support, matmul_peak_flops
 
 THREADS = 2
 SECTIONS = ('peak', 'decode', 'quality')
@@ -37,6 +40,7 @@ DEMO_CHECKPOINT = Path('runs/dbrx-tiny/checkpoints')
 # (name, dtype, quantization) of our variants; transformers runs the first two dtypes.
 OURS = (('fp32', torch.float32, None), ('bf16', torch.bfloat16, None), ('int8', torch.bfloat16, 'int8'),
         ('int4', torch.bfloat16, 'int4'))
+COMPILED = ('fp32', 'bf16')  # also decoded with the compiled step
 HF = (('fp32', torch.float32), ('bf16', torch.bfloat16))
 
 
@@ -94,8 +98,11 @@ def bench_decode(config, s: Settings, bandwidth: float) -> tuple[str, dict]:
     runs, models, outputs = {}, {}, {}
     for name, dtype, method in OURS:
         model = models[f'ours {name}'] = ours_variant(base, dtype, method)
-        runs[f'ours {name}'] = (lambda m=model, n=name: outputs.__setitem__(
-            f'ours {n}', m.generate(prompt, max_new_tokens=s.new_tokens, stop_token_ids=())))
+        for variant, options in ((name, None), (f'{name} compiled', {})):
+            if options is None or name in COMPILED:
+                models[f'ours {variant}'] = model
+                runs[f'ours {variant}'] = (lambda m=model, v=variant, o=options: outputs.__setitem__(
+                    f'ours {v}', m.generate(prompt, max_new_tokens=s.new_tokens, stop_token_ids=(), compile=o)))
     for name, dtype in HF:
         model = copy.deepcopy(hf_base).to(dtype)
 
@@ -106,6 +113,7 @@ def bench_decode(config, s: Settings, bandwidth: float) -> tuple[str, dict]:
 
         runs[f'transformers {name}'] = run
     del hf_base
+    first = {name: timed(run) for name, run in runs.items() if name.endswith('compiled')}  # compiles
     seconds = alternate(runs, warmup=1, repeats=s.repeats)
     tps = {name: s.new_tokens / t for name, t in seconds.items()}
     hf32, hf16 = tps['transformers fp32'], tps['transformers bf16']
@@ -113,9 +121,9 @@ def bench_decode(config, s: Settings, bandwidth: float) -> tuple[str, dict]:
              '| ceiling tokens/s | share of ceiling |', '|---|--:|--:|--:|--:|--:|--:|']
     result = {}
     for name, rate in tps.items():
-        dtype_name = 'fp32' if name.endswith('fp32') else 'bf16'
+        dtype_name = 'fp32' if 'fp32' in name.split() else 'bf16'
         same = hf32 if dtype_name == 'fp32' else hf16
-        weights = models.get(name) or models[f'ours {name.split()[-1]}']  # transformers reads as many bytes as ours
+        weights = models.get(name) or models[f'ours {dtype_name}']  # transformers reads as many bytes as ours
         nbytes = step_bytes(weights)
         ceiling = bandwidth / nbytes
         lines.append(f'| {name} | {rate:.1f} | {rate / hf32:.2f}x | {rate / same:.2f}x | {nbytes / 2**20:.0f} '
@@ -126,6 +134,9 @@ def bench_decode(config, s: Settings, bandwidth: float) -> tuple[str, dict]:
     lines.append('')
     lines.append('- greedy tokens equal to ours fp32 (random weights, so a weak check): '
                  + ', '.join(f'{n} {100 * a:.0f}%' for n, a in agree.items()))
+    lines.append('- compile time of the decoding step (first run minus the median): '
+                 + ', '.join(f'{n} {t - seconds[n]:.1f} s' for n, t in first.items()))
+    result['compile_s'] = {n: t - seconds[n] for n, t in first.items()}
     return '\n'.join(lines), result
 
 
@@ -183,6 +194,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--quick', action='store_true', help='short runs (smoke test)')
     parser.add_argument('--only', nargs='+', choices=SECTIONS, default=SECTIONS)
+    parser.add_argument('--configs', nargs='+', choices=('bench', 'small'), default=('bench', 'small'),
+                        help='decode on the bench config, the d_model 256 one, or both')
     parser.add_argument('--checkpoint', type=Path, default=DEMO_CHECKPOINT, help='trained model for the quality table')
     parser.add_argument('--json', type=Path)
     args = parser.parse_args(argv)
@@ -201,7 +214,8 @@ def main(argv=None) -> None:
     if 'decode' in args.only:
         bench, source = bench_config()
         small = replace(bench, d_model=256, n_heads=4)
-        for label, config in ((source, bench), ('d_model 256, 4 layers', small)):
+        chosen = {'bench': (source, bench), 'small': ('d_model 256, 4 layers', small)}
+        for label, config in (chosen[name] for name in args.configs):
             log(f'measuring batch-1 decoding on {label} ({time.perf_counter() - start:.0f}s so far)')
             table, payload[f'decode {label}'] = bench_decode(config, s, payload['peak']['matvec_gbps'] * 1e9)
             ffn = config.ffn_config
@@ -216,6 +230,8 @@ def main(argv=None) -> None:
         else:
             table, payload['quality'] = bench_quality(args.checkpoint, s)
             print(f'\n**Quality** (held-out perplexity and top-1 agreement with fp32)\n\n{table}')
+    print(f'\n- CPU: torch.backends.cpu.get_cpu_capability() {torch.backends.cpu.get_cpu_capability()}, native bf16: '
+          f'{cpu_bf16_support() or "none"}; load average {os.getloadavg()[0]:.1f} at the end')
     print(f'\n- {THREADS} threads; ceiling = matvec bandwidth / bytes a step reads; timings on a shared machine are '
           'noisy, so compare the ratios (measured side by side, in turns)')
     log(f'done in {time.perf_counter() - start:.0f}s')

@@ -3,12 +3,15 @@
     .venv/bin/python bench/bench_model.py [--quick] [--only train forward moe generate memory] [--json PATH]
 
 Speeds are medians of steps run in turns (ours, transformers, transformers, ours, ...) after a warm-up;
-memory is measured in a fresh process per model. See bench/README.md for what each row means.
+memory is measured in a fresh process per model. The training step runs at batch 2 and 4, in fp32 and
+under bf16 autocast, ours with its blocks compiled (`dbrx_train.model.compile`) and eager. See
+bench/README.md for what each row means.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import multiprocessing
@@ -33,11 +36,16 @@ from common import (
     resident_mib,
     timed,
 )
+from dbrx_train.model.compile import CompileConfig, compile_blocks
 from dbrx_train.model.flops import train_flops_per_token
+from dbrx_train.training.hardware import cpu_bf16_support
 
 THREADS = 2
 SECTIONS = ('train', 'forward', 'moe', 'generate', 'memory')
 PROMPT_LEN = 16
+TRAIN_BATCHES = (2, 4)
+# Training shapes are fixed, so each (batch, precision) gets its own static graph.
+BENCH_COMPILE = CompileConfig(dynamic=False)
 
 
 @dataclass
@@ -65,35 +73,71 @@ class Row:
         return self.ours / self.transformers
 
 
-def training_steps(ours, hf, ids):
-    """One optimizer step per model, each on its full objective (LM loss + weighted load-balancing loss)."""
+def training_steps(ours, hf, ids, bf16: bool = False):
+    """One optimizer step per model, each on its full objective (LM loss + weighted load-balancing loss);
+    with `bf16`, the forward pass under CPU bf16 autocast (as Composer's amp_bf16 runs it)."""
     opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-5)
     opt_hf = torch.optim.AdamW(hf.parameters(), lr=1e-5)
+    autocast = (lambda: torch.autocast('cpu', dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
 
     def step_ours():
-        ours.loss(ids).loss.backward()
+        with autocast():
+            loss = ours.loss(ids).loss
+        loss.backward()
         opt_ours.step()
         opt_ours.zero_grad(set_to_none=True)
 
     def step_hf():
-        hf(ids, labels=ids, output_router_logits=True, use_cache=False).loss.backward()
+        with autocast():
+            loss = hf(ids, labels=ids, output_router_logits=True, use_cache=False).loss
+        loss.backward()
         opt_hf.step()
         opt_hf.zero_grad(set_to_none=True)
 
     return step_ours, step_hf
 
 
-def bench_train(ours, hf, ids, s: Settings, flops_per_token, peak_gflops) -> list[Row]:
+def force_eager(step):
+    """`step` with every compiled block running its eager code (same model, same weights)."""
+    def run():
+        with torch.compiler.set_stance('force_eager'):
+            step()
+
+    return run
+
+
+def bench_train(ours, hf, config, s: Settings, flops_per_token, peak_gflops) -> tuple[list[Row], list[str]]:
+    """Training steps at each of TRAIN_BATCHES, fp32 and bf16 autocast: ours compiled (and eager) vs transformers."""
     ours.train(), hf.train()
-    step_ours, step_hf = training_steps(ours, hf, ids)
-    t = alternate({'ours': step_ours, 'hf': step_hf}, s.warmup, s.repeats)
-    tokens = ids.numel()
-    ours_tps, hf_tps = tokens / t['ours'], tokens / t['hf']
+    probe = batch_ids(config, TRAIN_BATCHES[0])
+    with torch.no_grad():
+        eager_loss = ours.loss(probe).loss
+        compile_blocks(ours, BENCH_COMPILE)
+        start = time.perf_counter()
+        loss_gap = abs(ours.loss(probe).loss - eager_loss).item()
+    rows, compile_notes = [], [f'forward {time.perf_counter() - start:.0f} s']
     mfu = lambda tps: 100 * tps * flops_per_token / (peak_gflops * 1e9)  # noqa: E731
-    return [
-        Row('training step', 'tokens/s', ours_tps, hf_tps),
-        Row('training step MFU', '% of peak', mfu(ours_tps), mfu(hf_tps)),
-    ]
+    for batch in TRAIN_BATCHES:
+        ids = batch_ids(config, batch)
+        for precision in ('fp32', 'bf16'):
+            step_ours, step_hf = training_steps(ours, hf, ids, bf16=precision == 'bf16')
+            first = timed(step_ours)  # compiles this shape and precision
+            steps = {'ours': step_ours, 'hf': step_hf}
+            if precision == 'fp32':
+                steps['ours eager'] = force_eager(step_ours)
+            t = alternate(steps, s.warmup, s.repeats)
+            compile_notes.append(f'batch {batch} {precision}: {first - t["ours"]:.0f} s')
+            tps = {name: ids.numel() / seconds for name, seconds in t.items()}
+            label = f'training step, batch {batch}, {precision}'
+            rows.append(Row(f'{label}, compiled', 'tokens/s', tps['ours'], tps['hf']))
+            if precision == 'fp32':
+                rows.append(Row(f'{label}, compiled MFU', '% of peak', mfu(tps['ours']), mfu(tps['hf'])))
+                rows.append(Row(f'{label}, eager', 'tokens/s', tps['ours eager'], tps['hf']))
+    torch.compiler.set_stance('force_eager')  # the other sections measure the eager model
+    notes = [f'compiled loss - eager loss (fp32, batch {TRAIN_BATCHES[0]}, same weights): {loss_gap:.1e}',
+             'compile time (the first compiled forward; then each first compiled training step minus a compiled '
+             'step: each shape and precision compiles once): ' + ', '.join(compile_notes)]
+    return rows, notes
 
 
 def bench_forward(ours, hf, ids, s: Settings, flops_per_token, peak_gflops) -> list[Row]:
@@ -257,13 +301,16 @@ def main(argv=None) -> None:
     ours, hf = model_pair(config)
     ids = batch_ids(config, s.batch)
     rows, notes = [], []
+    load_before = os.getloadavg()
     same_tokens = None
     for section in SECTIONS:
         if section not in args.only:
             continue
         log(f'measuring {section} ({time.perf_counter() - start:.0f}s so far)')
         if section == 'train':
-            rows += bench_train(ours, hf, ids, s, flops, peak)
+            train_rows, train_notes = bench_train(ours, hf, config, s, flops, peak)
+            rows += train_rows
+            notes += train_notes
         elif section == 'forward':
             rows += bench_forward(ours, hf, ids, s, flops, peak)
         elif section == 'moe':
@@ -281,12 +328,17 @@ def main(argv=None) -> None:
 
     notes.append(f'config: {source}; d_model {config.d_model}, {config.n_layers} layers, '
                  f'{config.ffn_config.moe_num_experts} experts top-{config.ffn_config.moe_top_k}, '
-                 f'ffn {config.ffn_config.ffn_hidden_size}, vocab {config.vocab_size}; fp32; '
-                 f'batch {s.batch} x seq {config.max_seq_len}; {THREADS} threads')
+                 f'ffn {config.ffn_config.ffn_hidden_size}, vocab {config.vocab_size}; fp32 unless a row says bf16; '
+                 f'batch {s.batch} x seq {config.max_seq_len} unless a row says otherwise; {THREADS} threads')
+    notes.append(f'CPU: torch.backends.cpu.get_cpu_capability() {torch.backends.cpu.get_cpu_capability()}, '
+                 f'native bf16: {cpu_bf16_support() or "none"}; load average {load_before[0]:.1f} at the start, '
+                 f'{os.getloadavg()[0]:.1f} at the end')
     notes.append(f'measured fp32 matmul peak: {peak:.1f} GFLOP/s (3072^2 torch.mm); model FLOPs/token: '
                  f'train {flops / 1e6:.0f} M, forward {flops / 3e6:.0f} M')
     notes.append('training step: loss.backward() + AdamW step; transformers with labels and '
-                 'output_router_logits=True so both objectives include the load-balancing loss')
+                 'output_router_logits=True so both objectives include the load-balancing loss; compiled: each of '
+                 'our blocks torch.compile\'d (inductor, experts eager), eager: the same model under '
+                 'torch.compiler.set_stance("force_eager"); transformers runs eager; bf16: CPU autocast')
     notes.append('ratio = ours / transformers (memory: lower is better); speeds are medians of '
                  f'{s.repeats} alternating runs after {s.warmup} warm-up')
     if 'memory' in args.only:

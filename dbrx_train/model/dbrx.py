@@ -23,7 +23,7 @@ from dbrx_train.model.attention import AttentionMask, Causal, Dense, Documents, 
 from dbrx_train.model.config import ModelConfig
 from dbrx_train.model.generation import generate
 from dbrx_train.model.loss import linear_cross_entropy, load_balancing_loss
-from dbrx_train.model.moe import Experts, build_experts
+from dbrx_train.model.moe import Experts, build_experts, run_experts
 from dbrx_train.model.quantize import quantize
 
 NORM_EPS = 1e-5
@@ -118,10 +118,13 @@ class MoE(nn.Module):
         top_weights, top_experts = probs.topk(self.top_k, dim=-1)
         if self.normalize_p is not None:
             top_weights = top_weights / top_weights.norm(p=self.normalize_p, dim=-1, keepdim=True)
-        out = self.experts(tokens, top_weights, top_experts)
+        out = run_experts(self.experts, tokens, top_weights, top_experts)
+        flat_experts = top_experts.reshape(-1)
         stats = RouterStats(
             mean_probs=probs.mean(dim=0),
-            tokens_per_expert=torch.bincount(top_experts.reshape(-1), minlength=probs.shape[-1]),
+            # Not bincount: its output size depends on the data, which breaks a compiled graph.
+            tokens_per_expert=torch.zeros(probs.shape[-1], dtype=torch.long, device=x.device).index_add_(
+                0, flat_experts, torch.ones_like(flat_experts)),
         )
         return out.view_as(x), stats
 
@@ -230,6 +233,16 @@ class DbrxLM(nn.Module):
         # A padding query would otherwise see no key at all (NaN); let it see itself.
         allowed |= (key_idx[None, :] == query_idx[:, None])[None]
         return position_ids, Dense(allowed[:, None])
+
+    def step_logits(self, input_ids, position_ids, mask, layer_caches) -> torch.Tensor:
+        """Last-position logits `(batch, vocab)` with positions and the attention mask given whole: the
+        static-shape decoding step of `dbrx_train.model.decode`. `layer_caches` holds one cache per
+        block (each block sees layer 0 of its own: under torch.compile, one graph serves every block)."""
+        cos, sin = rotary_cos_sin(position_ids, self.config.head_dim, self.config.attn_config.rope_theta)
+        x = self.wte(input_ids)
+        for block, cache in zip(self.blocks, layer_caches):
+            x, _ = block(x, cos, sin, mask, cache, 0)
+        return self.lm_head(self.norm_f(x)[:, -1])
 
     def forward(self, input_ids, attention_mask=None, kv_cache=None, labels=None, sequence_id=None):
         """Logits `(batch, seq, vocab)`; with `labels`, the training `LossOutput` instead (no logits

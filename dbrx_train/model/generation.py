@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+
+from dbrx_train.model.decode import DecodeStep, bucket_length
 
 # DBRX stops on <|endoftext|> (base models) and <|im_end|> (ChatML instruct models).
 DEFAULT_STOP_TOKENS = (100257, 100279)
@@ -72,11 +76,13 @@ def adjust_logits(logits: torch.Tensor, bias: torch.Tensor | None = None, counts
 def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 32, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, stop_token_ids=DEFAULT_STOP_TOKENS,
              attention_mask: torch.Tensor | None = None, pad_token_id: int = 100257,
-             generator: torch.Generator | None = None) -> torch.Tensor:
+             generator: torch.Generator | None = None, compile: dict[str, Any] | None = None) -> torch.Tensor:
     """Returns `(batch, prompt + new)` ids. Rows may be left-padded (`attention_mask` 0 on padding).
 
     A row that emits a stop token keeps it and is padded with `pad_token_id` afterwards;
     decoding ends when every row has stopped or `max_new_tokens` were generated.
+    `compile`: torch.compile's options (`{}`: its defaults) for the one-token steps after the
+    prompt (`dbrx_train.model.decode`: a static-shape cache, compiled once per shape bucket).
     """
     if max_new_tokens <= 0:
         return input_ids
@@ -85,7 +91,14 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 32, temperatu
     if total > model.config.max_seq_len:
         raise ValueError(f'prompt ({prompt_len}) + max_new_tokens ({max_new_tokens}) exceeds max_seq_len '
                          f'({model.config.max_seq_len})')
-    cache = KVCache.for_model(model, batch, total)
+    step = DecodeStep(model, compile) if compile is not None else None
+    if step is None:
+        cache = KVCache.for_model(model, batch, total)
+    else:
+        cache = KVCache.for_model(model, batch, bucket_length(total, model.config.max_seq_len))
+        # The step attends over every slot, masked; garbage NaNs in unwritten ones would still poison it.
+        cache.keys.zero_()
+        cache.values.zero_()
     if attention_mask is not None:
         attention_mask = torch.cat(
             [attention_mask.to(torch.long), attention_mask.new_ones(batch, max_new_tokens, dtype=torch.long)], dim=1
@@ -96,8 +109,11 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 32, temperatu
     step_input = input_ids
     for _ in range(max_new_tokens):
         mask = attention_mask[:, : cache.length + step_input.shape[1]] if attention_mask is not None else None
-        hidden, _ = model.hidden_states(step_input, mask, cache)
-        logits = model.lm_head(hidden[:, -1])
+        if step is not None and cache.length:
+            logits = step(step_input, cache, mask)
+        else:
+            hidden, _ = model.hidden_states(step_input, mask, cache)
+            logits = model.lm_head(hidden[:, -1])
         next_ids = sample_next(logits, temperature, top_k, top_p, generator)
         next_ids = torch.where(done, torch.full_like(next_ids, pad_token_id), next_ids)
         out.append(next_ids[:, None])

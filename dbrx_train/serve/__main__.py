@@ -30,6 +30,8 @@ def parse_args(argv: list[str] | None = None) -> ServeConfig:
     parser.add_argument('--port', type=int)
     parser.add_argument('--dtype', help='float32, bfloat16 or float16 (default: as stored)')
     parser.add_argument('--quantize', help='int8 or int4: weight-only int8, or int4 in groups of quantize_group_size (128) (default: none)')
+    parser.add_argument('--compile', action='store_true', default=None,
+                        help='torch.compile the decoding step (the first requests wait for it)')
     parser.add_argument('--api-key', help=f'require `Authorization: Bearer KEY` (or set ${API_KEY_ENV})')
     parser.add_argument('overrides', nargs='*', metavar='key=value', help='overrides of --config keys')
     args = parser.parse_args(argv)
@@ -37,7 +39,7 @@ def parse_args(argv: list[str] | None = None) -> ServeConfig:
         raise ConfigError('', 'key=value overrides need --config')
     data = load_yaml(args.config, args.overrides) if args.config else {}
     flags = {'checkpoint': args.checkpoint, 'host': args.host, 'port': args.port, 'api_key': args.api_key,
-             'dtype': args.dtype, 'quantize': args.quantize}
+             'dtype': args.dtype, 'quantize': args.quantize, 'compile': args.compile}
     data.update({key: value for key, value in flags.items() if value is not None})
     if data.get('api_key') is None and os.environ.get(API_KEY_ENV):
         data['api_key'] = os.environ[API_KEY_ENV]

@@ -50,7 +50,7 @@ def create_app(model, tokenizer, config: ServeConfig = ServeConfig()) -> FastAPI
     """An app serving `model` (a `DbrxLM` in eval mode) with `tokenizer` (the tiktoken encoding of
     `dbrx_train.tokenizer.get_encoding()`). The engine thread runs while the app does."""
     codec = TextCodec(tokenizer)
-    engine = Engine(model, codec, config.max_batch_size, config.prefill_chunk)
+    engine = Engine(model, codec, config.max_batch_size, config.prefill_chunk, {} if config.compile else None)
     api = OpenAIService(engine, codec, config, model.config.max_seq_len, model.config.vocab_size)
 
     @contextlib.asynccontextmanager

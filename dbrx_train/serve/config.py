@@ -26,6 +26,9 @@ class ServeConfig:
     dtype: Literal['float32', 'bfloat16', 'float16'] | None = None  # None: as stored (bfloat16 with quantize)
     quantize: Quantization | None = None  # 'int8' / 'int4': weight-only (dbrx_train/model/quantize.py)
     quantize_group_size: int | None = None  # int4's weights per scale and zero point (None: 128)
+    # torch.compile the decoding step (static-shape cache; dbrx_train/model/decode.py): the first
+    # requests of each shape bucket wait for the compilation, later ones decode faster.
+    compile: bool = False
     # Sequences decoded together in one step; more wait in the engine's queue.
     max_batch_size: int = 16
     # Prompt tokens per prefill step: a longer prompt is prefilled in chunks, with a decoding step

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from dbrx_train.model.config import ModelConfig
+from dbrx_train.model.decode import DecodeStep, bucket_length
 from dbrx_train.model.generation import KVCache, adjust_logits, sample_next
 from dbrx_train.serve.text import TextCodec, TextStream
 
@@ -116,10 +117,15 @@ class _BatchPart:
 
 
 class Engine:
-    def __init__(self, model: ServableModel, codec: TextCodec, max_batch_size: int = 16, prefill_chunk: int = 512):
+    """`compile`: torch.compile's options (`{}`: its defaults) for the decoding steps
+    (`dbrx_train.model.decode`: static-shape cache, compiled once per shape bucket), or None (eager)."""
+
+    def __init__(self, model: ServableModel, codec: TextCodec, max_batch_size: int = 16, prefill_chunk: int = 512,
+                 compile: dict | None = None):
         if not isinstance(model, ServableModel):
             raise TypeError(f'{type(model).__name__} cannot be served: it lacks what ServableModel names')
         self.model = model
+        self.decode_step = DecodeStep(model, compile) if compile is not None else None
         self.codec = codec
         self.max_batch_size = max_batch_size
         self.prefill_chunk = prefill_chunk
@@ -280,8 +286,12 @@ class Engine:
         self.peak_batch = max(self.peak_batch, len(rows))
         ids = torch.tensor([[s.last_token] for s in rows], device=self.device)
         self._mask = torch.cat([self._mask, self._mask.new_ones(len(rows), 1)], dim=1)
-        hidden, _ = self.model.hidden_states(ids, self._mask, self._cache)
-        self._advance(rows, self.model.lm_head(hidden[:, -1]))
+        if self.decode_step is not None:
+            logits = self.decode_step(ids, self._cache, self._mask)
+        else:
+            hidden, _ = self.model.hidden_states(ids, self._mask, self._cache)
+            logits = self.model.lm_head(hidden[:, -1])
+        self._advance(rows, logits)
         if any(s.finished for s in rows):
             self._repack([])
 
@@ -379,7 +389,10 @@ class Engine:
         spans = [int(part.mask[part.keep].sum(dim=1).max()) for part in parts]
         width = max(spans)
         room = max(s.params.max_tokens - s.generated for s in rows)
-        cache = KVCache.for_model(self.model, len(rows), width + room)
+        length = width + room
+        if self.decode_step is not None:  # a static shape per bucket: steps do not recompile per request
+            length = bucket_length(length, self.model.config.max_seq_len)
+        cache = KVCache.for_model(self.model, len(rows), length)
         cache.keys.zero_()  # padding slots are masked, but NaN garbage would still poison attention
         cache.values.zero_()
         cache.length = width

@@ -11,6 +11,7 @@ from dbrx_train.data.curriculum import CurriculumConfig, Schedule, resolve_sched
 from dbrx_train.data.finetuning import FinetuningLoaderConfig
 from dbrx_train.errors import ConfigError
 from dbrx_train.evaluation.config import ICLTasks, check_icl_seq_lens
+from dbrx_train.model.compile import CompileConfig
 from dbrx_train.model.config import ModelConfig
 from dbrx_train.model.lora import LoraConfig, check_layers
 from dbrx_train.training.finetune import FreezeConfig
@@ -64,7 +65,10 @@ class TrainConfig:
         default_factory=lambda: {'name': 'cosine_with_warmup', 't_warmup': '0.05dur', 'alpha_f': 0.1})
     algorithms: dict[str, dict[str, Any]] = field(
         default_factory=lambda: {'gradient_clipping': {'clipping_type': 'norm', 'clipping_threshold': 1.0}})
+    # amp_bf16 on a CPU without native bf16 (AVX512_BF16 or AMX) trains in fp32, with a warning.
     precision: Literal['fp32', 'amp_bf16', 'amp_fp16'] = 'fp32'
+    # torch.compile each transformer block (dbrx_train.model.compile); {} for torch's defaults.
+    compile_config: CompileConfig | None = None
     device: Literal['auto', 'cpu', 'gpu'] = 'auto'
     # meta: every rank builds empty parameters and fills only its own shard (needs GPUs: Composer
     # materialises meta shards on CUDA). mixed: rank 0 builds the model, the others get it broadcast.

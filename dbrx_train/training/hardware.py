@@ -22,3 +22,19 @@ def matmul_peak_flops(dtype: torch.dtype = torch.float32, size: int = 2048, seco
             torch.cuda.synchronize()
         best = max(best, 2 * size**3 / (time.perf_counter() - start))
     return best
+
+
+def cpu_bf16_support() -> str | None:
+    """What makes bf16 fast on this CPU ('AMX', 'AVX512_BF16'), or None where it is not: the
+    cpuinfo flags, as oneDNN dispatches on them. Without them bf16 matmuls are emulated and
+    several times slower than fp32."""
+    try:
+        with open('/proc/cpuinfo') as f:
+            flags = next((line.split(':', 1)[1].split() for line in f if line.startswith('flags')), [])
+    except OSError:
+        flags = []
+    if 'amx_bf16' in flags:
+        return 'AMX'
+    if 'avx512_bf16' in flags:
+        return 'AVX512_BF16'
+    return None

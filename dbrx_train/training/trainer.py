@@ -28,6 +28,7 @@ from dbrx_train.data import build_text_dataloader
 from dbrx_train.data.finetuning import build_finetuning_dataloader
 from dbrx_train.data.mixture import build_mixture_dataloader
 from dbrx_train.errors import ConfigError
+from dbrx_train.model.compile import compile_blocks
 from dbrx_train.evaluation.icl import build_icl_evaluators
 from dbrx_train.training.callbacks import MoEMonitor
 from dbrx_train.training.config import TrainConfig
@@ -36,7 +37,7 @@ from dbrx_train.training.expert_parallel import check_moe_world_size, expert_par
 from dbrx_train.training.finetune import check_init_from, prepare_model, start_from_pretrained
 from dbrx_train.training.gradient_average import fix_gradient_average
 from dbrx_train.training.gradient_clipping import GradientClipping
-from dbrx_train.training.hardware import matmul_peak_flops
+from dbrx_train.training.hardware import cpu_bf16_support, matmul_peak_flops
 from dbrx_train.training.preemption import SaveOnSignal
 from dbrx_train.uri import is_remote
 
@@ -90,17 +91,32 @@ def _fsdp2(cfg: TrainConfig, device: str) -> FSDP2Config | None:
                        state_dict_type=fsdp.state_dict_type, mixed_precision=fsdp.mixed_precision)
 
 
+def resolve_precision(precision: str, device: str) -> str:
+    """The precision to train in: `amp_bf16` on a CPU only where bf16 is native (AVX512_BF16 or AMX;
+    elsewhere bf16 matmuls are emulated, slower than fp32). The choice is logged."""
+    if device != 'cpu' or precision != 'amp_bf16':
+        return precision
+    capability = torch.backends.cpu.get_cpu_capability()
+    native = cpu_bf16_support()
+    if native is None:
+        log.warning('precision amp_bf16: this CPU (%s) has no native bf16 (AVX512_BF16 or AMX); training in fp32',
+                    capability)
+        return 'fp32'
+    log.info('precision amp_bf16: bf16 autocast on this CPU (%s, %s)', native, capability)
+    return precision
+
+
 def _build_algorithm(name: str, kwargs: dict):
     from llmfoundry.utils.builders import build_algorithm
 
     return OUR_ALGORITHMS[name](**kwargs) if name in OUR_ALGORITHMS else build_algorithm(name, kwargs)
 
 
-def _place_experts(model, cfg: TrainConfig, device: str) -> None:
+def _place_experts(model, cfg: TrainConfig, device: str, precision: str) -> None:
     mesh = expert_parallel_mesh(cfg.model.ffn_config.moe_world_size, 'cuda' if device == 'gpu' else 'cpu')
     log.info('expert parallelism: %s', mesh)
     # The mixed precision Composer gives the other FSDP2 units.
-    mp_policy = create_mixed_precision_policy(Precision(cfg.precision), cfg.fsdp_config.mixed_precision)
+    mp_policy = create_mixed_precision_policy(Precision(precision), cfg.fsdp_config.mixed_precision)
     parallelize_experts(model, mesh, mp_policy, cfg.fsdp_config.reshard_after_forward)
 
 
@@ -123,6 +139,7 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
     dist.initialize_dist(device, timeout=cfg.dist_timeout)
     _setup_logging(cfg.python_log_level)
     reproducibility.seed_all(cfg.seed)
+    precision = resolve_precision(cfg.precision, device)
     batch_per_device = device_batch_size(cfg, dist.get_world_size())
     check_moe_world_size(cfg.model.ffn_config.moe_world_size, dist.get_world_size())
 
@@ -130,7 +147,10 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
     model = ComposerDbrx(cfg.model, device=_init_device(cfg, device))
     prepare_model(model.model, cfg.freeze, cfg.lora)  # what trains, before the optimizer sees it
     if cfg.model.ffn_config.moe_world_size > 1:
-        _place_experts(model.model, cfg, device)  # before the optimizer and Composer's FSDP2
+        _place_experts(model.model, cfg, device, precision)  # before the optimizer and Composer's FSDP2
+    if cfg.compile_config is not None:  # after the experts are placed, before Composer's FSDP2
+        log.info('compiling each transformer block: %s', cfg.compile_config.kwargs())
+        compile_blocks(model.model, cfg.compile_config)
     if cfg.curriculum is not None:
         train_loader = build_mixture_dataloader(cfg.train_loader, cfg.schedule, cfg.seq_len)
     else:
@@ -174,7 +194,7 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
         optimizers=optimizer,
         schedulers=scheduler,
         algorithms=algorithms,
-        precision=cfg.precision,
+        precision=precision,
         device=device,
         device_train_microbatch_size=cfg.device_train_microbatch_size or batch_per_device,
         parallelism_config={'fsdp': fsdp} if fsdp is not None else None,

@@ -200,3 +200,18 @@ def test_a_32k_prompt_is_prefilled_in_chunks_within_max_seq_len(codec):
     for prompt, outputs in zip((long, short), results):
         expected = model.generate(torch.tensor([prompt]), max_new_tokens=4, stop_token_ids=())[0, len(prompt):]
         assert tokens_of(outputs) == expected.tolist()
+
+
+def test_compiled_decoding_steps_give_the_eager_tokens(tiny_model, greedy, codec):
+    # Dynamo's 'eager' backend: the static-shape cache (masked slots, positions, left padding, rows
+    # joining and leaving) is what is under test here; inductor's numerics are tests/model/test_compile.py's.
+    engine = Engine(tiny_model, codec, max_batch_size=3, compile={'backend': 'eager'})
+    engine.start()
+    try:
+        texts = ['Hello', 'The quick brown fox jumps over the lazy dog', 'a b c', 'One, two, three, four']
+        jobs = [(codec.encode(t), SamplingParams(max_tokens=2 + 3 * i, **GREEDY)) for i, t in enumerate(texts)]
+        for (prompt, params), outputs in zip(jobs, collect(engine, jobs)):
+            assert tokens_of(outputs) == greedy(prompt, params.max_tokens)
+    finally:
+        engine.stop()
+    assert engine.decode_step.compiled  # it did not fall back to eager

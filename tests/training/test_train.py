@@ -113,3 +113,27 @@ def test_a_quantized_model_section_is_refused_for_training():
 
     with pytest.raises(ConfigError, match='^model.quantization: quantized weights are for inference'):
         parse(TrainConfig, load_yaml(CONFIG, ['model.quantization=int8']))
+
+
+@pytest.mark.parametrize('native, expected', [('AMX', 'amp_bf16'), (None, 'fp32')])
+def test_amp_bf16_on_cpu_only_where_bf16_is_native_and_the_choice_is_logged(monkeypatch, caplog, native, expected):
+    from dbrx_train.training import trainer
+
+    monkeypatch.setattr(trainer, 'cpu_bf16_support', lambda: native)
+    with caplog.at_level('INFO', logger='dbrx_train'):
+        assert trainer.resolve_precision('amp_bf16', 'cpu') == expected
+    assert 'precision amp_bf16' in caplog.text and (native or 'no native bf16') in caplog.text
+    assert trainer.resolve_precision('fp32', 'cpu') == 'fp32'
+    assert trainer.resolve_precision('amp_bf16', 'gpu') == 'amp_bf16'
+
+
+def test_compile_config_is_parsed_and_a_bad_key_is_one_line():
+    from dbrx_train.errors import ConfigError
+    from dbrx_train.training.config import TrainConfig
+    from dbrx_train.typed_config import load_yaml, parse
+
+    assert parse(TrainConfig, load_yaml(CONFIG)).compile_config is None
+    cfg = parse(TrainConfig, load_yaml(CONFIG, ['compile_config={mode: max-autotune-no-cudagraphs}']))
+    assert cfg.compile_config.kwargs() == {'backend': 'inductor', 'mode': 'max-autotune-no-cudagraphs'}
+    with pytest.raises(ConfigError, match='compile_config'):
+        parse(TrainConfig, load_yaml(CONFIG, ['compile_config={fulgraph: true}']))

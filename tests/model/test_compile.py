@@ -1,0 +1,110 @@
+"""torch.compile: per-block compiled training and the static-shape compiled decoding step.
+
+Graph structure and recompilation are dynamo's business and are checked with the cheap 'eager'
+backend; numerics are checked with inductor (the backend users get) on tiny models.
+"""
+
+import pytest
+import torch
+import torch._dynamo
+from torch._dynamo.utils import counters
+
+from tests.model.conftest import tiny_dbrx
+from dbrx_train.model.compile import CompileConfig, compile_blocks
+from dbrx_train.model.decode import MIN_BUCKET, bucket_length
+from dbrx_train.model.dbrx import rotary_cos_sin
+
+VOCAB = 128
+
+
+def fresh_model(seed=0):
+    return tiny_dbrx(d_model=64, vocab=VOCAB, ffn=32, experts=8, top_k=2, seed=seed)
+
+
+def ids(batch, length, seed=0):
+    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def graphs() -> int:
+    return counters['stats']['unique_graphs']
+
+
+@pytest.fixture(autouse=True)
+def reset_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def test_attention_norms_and_router_compile_without_a_graph_break():
+    model = fresh_model().train()
+    block = model.blocks[0]
+    x = torch.randn(2, 8, 64)
+    cos, sin = rotary_cos_sin(torch.arange(8).expand(2, 8), model.config.head_dim, 500000.0)
+    explained = torch._dynamo.explain(block)(x, cos, sin)
+    # The only break is the call into the eager experts (dynamo reports it once per frame it splits).
+    reasons = explained.break_reasons
+    assert reasons
+    for reason in reasons:
+        assert 'torch.compiler.disable' in reason.reason, reason
+        assert 'run_experts(' in reason.user_stack[-1].line, reason
+    for part, args in ((block.norm_1, (x,)), (block.attn, (x, cos, sin)), (block.ffn.router, (x,))):
+        torch.compile(part, fullgraph=True, backend='eager')(*args)  # raises on any break
+
+
+def test_compiled_blocks_train_like_eager_and_do_not_recompile_as_routing_changes():
+    # aot_eager: dynamo and AOTAutograd (the graphs, the backward, the eager experts between them)
+    # without inductor's C++ build, which costs minutes on a loaded 2-core machine; bench_model.py
+    # reports the inductor loss against eager on the bench config.
+    eager, compiled = fresh_model().train(), fresh_model().train()
+    compile_blocks(compiled, CompileConfig(backend='aot_eager'))
+    for step in range(2):
+        batch = ids(2, 16, seed=step)
+        losses = [m.loss(batch) for m in (eager, compiled)]
+        for loss in losses:
+            loss.loss.backward()
+        torch.testing.assert_close(losses[1].loss, losses[0].loss, atol=1e-5, rtol=1e-5)
+        assert torch.equal(losses[1].tokens_per_expert, losses[0].tokens_per_expert)
+        for (name, p), q in zip(eager.named_parameters(), compiled.parameters()):
+            torch.testing.assert_close(q.grad, p.grad, atol=1e-5, rtol=1e-4, msg=name)
+        if step == 0:
+            after_first = graphs()
+            assert after_first > 0  # the blocks really were compiled
+    assert graphs() == after_first  # other routing (other rows per expert): no recompilation
+
+
+@torch.no_grad()
+def test_compiled_greedy_decoding_equals_eager():
+    model = fresh_model()
+    prompt = ids(1, 5)
+    eager = model.generate(prompt, max_new_tokens=12, stop_token_ids=())
+    assert torch.equal(model.generate(prompt, max_new_tokens=12, stop_token_ids=(), compile={}), eager)
+
+
+@torch.no_grad()
+def test_new_lengths_and_batch_sizes_do_not_recompile_the_step_per_request():
+    model = fresh_model()
+    options = {'backend': 'eager'}
+    for new_tokens in (6, 9):  # one bucket
+        out = model.generate(ids(1, 5), max_new_tokens=new_tokens, stop_token_ids=(), compile=options)
+        assert torch.equal(out, model.generate(ids(1, 5), max_new_tokens=new_tokens, stop_token_ids=()))
+        if new_tokens == 6:
+            batch_one = graphs()
+    assert graphs() == batch_one
+    mask = torch.ones(3, 7, dtype=torch.long)
+    mask[0, :2] = 0  # left padding
+    model.generate(ids(2, 7), max_new_tokens=4, stop_token_ids=(), compile=options)  # batch becomes dynamic
+    after_dynamic = graphs()
+    for batch in (3, 5):
+        prompt = ids(batch, 7, seed=batch)
+        padding = mask[:1].expand(batch, 7)
+        out = model.generate(prompt, max_new_tokens=10, stop_token_ids=(), attention_mask=padding, compile=options)
+        assert torch.equal(out, model.generate(prompt, max_new_tokens=10, stop_token_ids=(), attention_mask=padding))
+    assert graphs() == after_dynamic
+
+
+def test_cache_lengths_are_bucketed():
+    assert bucket_length(1, 4096) == MIN_BUCKET
+    assert bucket_length(MIN_BUCKET + 1, 4096) == 2 * MIN_BUCKET
+    assert bucket_length(300, 400) == 400  # capped at the context
+    assert bucket_length(30, 16) == 30  # never below what it must hold
