@@ -106,18 +106,20 @@ def force_eager(step):
     return run
 
 
-def bench_train(ours, hf, config, s: Settings, flops_per_token, peak_gflops) -> tuple[list[Row], list[str]]:
-    """Training steps at each of TRAIN_BATCHES, fp32 and bf16 autocast: ours compiled (and eager) vs transformers."""
+def bench_train(ours, hf, config, s: Settings, flops_per_token, peak_gflops,
+                batches=TRAIN_BATCHES) -> tuple[list[Row], list[str]]:
+    """Training steps at each of `batches`, fp32 and bf16 autocast: ours compiled (and eager) vs transformers."""
     ours.train(), hf.train()
-    probe = batch_ids(config, TRAIN_BATCHES[0])
+    probe = batch_ids(config, batches[0])
     with torch.no_grad():
         eager_loss = ours.loss(probe).loss
         compile_blocks(ours, BENCH_COMPILE)
         start = time.perf_counter()
         loss_gap = abs(ours.loss(probe).loss - eager_loss).item()
     rows, compile_notes = [], [f'forward {time.perf_counter() - start:.0f} s']
+    log(f'compiled loss - eager loss: {loss_gap:.1e}; {compile_notes[0]}')
     mfu = lambda tps: 100 * tps * flops_per_token / (peak_gflops * 1e9)  # noqa: E731
-    for batch in TRAIN_BATCHES:
+    for batch in batches:
         ids = batch_ids(config, batch)
         for precision in ('fp32', 'bf16'):
             step_ours, step_hf = training_steps(ours, hf, ids, bf16=precision == 'bf16')
@@ -130,11 +132,13 @@ def bench_train(ours, hf, config, s: Settings, flops_per_token, peak_gflops) -> 
             tps = {name: ids.numel() / seconds for name, seconds in t.items()}
             label = f'training step, batch {batch}, {precision}'
             rows.append(Row(f'{label}, compiled', 'tokens/s', tps['ours'], tps['hf']))
+            log(f'{label}: ' + ', '.join(f'{name} {rate:.1f} tokens/s' for name, rate in tps.items())
+                + f'; compile {first - t["ours"]:.0f} s; load average {os.getloadavg()[0]:.1f}')
             if precision == 'fp32':
                 rows.append(Row(f'{label}, compiled MFU', '% of peak', mfu(tps['ours']), mfu(tps['hf'])))
                 rows.append(Row(f'{label}, eager', 'tokens/s', tps['ours eager'], tps['hf']))
     torch.compiler.set_stance('force_eager')  # the other sections measure the eager model
-    notes = [f'compiled loss - eager loss (fp32, batch {TRAIN_BATCHES[0]}, same weights): {loss_gap:.1e}',
+    notes = [f'compiled loss - eager loss (fp32, batch {batches[0]}, same weights): {loss_gap:.1e}',
              'compile time (the first compiled forward; then each first compiled training step minus a compiled '
              'step: each shape and precision compiles once): ' + ', '.join(compile_notes)]
     return rows, notes
@@ -286,6 +290,7 @@ def main(argv=None) -> None:
     parser.add_argument('--quick', action='store_true', help='one timed step per measurement (smoke run)')
     parser.add_argument('--only', nargs='+', choices=SECTIONS, default=SECTIONS, help='measure only these')
     parser.add_argument('--json', type=Path, help='also write the results here')
+    parser.add_argument('--batches', nargs='+', type=int, default=TRAIN_BATCHES, help='training-step batch sizes')
     args = parser.parse_args(argv)
     s = QUICK if args.quick else FULL
 
@@ -308,7 +313,7 @@ def main(argv=None) -> None:
             continue
         log(f'measuring {section} ({time.perf_counter() - start:.0f}s so far)')
         if section == 'train':
-            train_rows, train_notes = bench_train(ours, hf, config, s, flops, peak)
+            train_rows, train_notes = bench_train(ours, hf, config, s, flops, peak, args.batches)
             rows += train_rows
             notes += train_notes
         elif section == 'forward':

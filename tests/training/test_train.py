@@ -127,6 +127,18 @@ def test_amp_bf16_on_cpu_only_where_bf16_is_native_and_the_choice_is_logged(monk
     assert trainer.resolve_precision('amp_bf16', 'gpu') == 'amp_bf16'
 
 
+def test_compile_config_compiles_each_block_and_trains_like_eager(tiny_corpus, reference, tmp_path):
+    # aot_eager: the trainer's wiring and the compiled graphs' autograd without inductor's C++ build
+    # (tests/model/test_compile.py; inductor's loss is compared in bench/bench_model.py).
+    output = run(tiny_overrides(tiny_corpus, tmp_path, compile_config='{backend: aot_eager}',
+                                python_log_level='info'))
+    assert "compiling each transformer block: {'backend': 'aot_eager'}" in output
+    compiled, eager = losses(tmp_path / 'metrics.jsonl'), losses(reference / 'metrics.jsonl')
+    assert sorted(compiled) == sorted(eager)
+    for step in eager:
+        assert compiled[step] == pytest.approx(eager[step], abs=1e-5), step
+
+
 def test_compile_config_is_parsed_and_a_bad_key_is_one_line():
     from dbrx_train.errors import ConfigError
     from dbrx_train.training.config import TrainConfig
