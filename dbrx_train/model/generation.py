@@ -112,7 +112,10 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 32, temperatu
         if step is not None and cache.length:
             logits = step(step_input, cache, mask)
         else:
-            hidden, _ = model.hidden_states(step_input, mask, cache)
+            # Blocks compiled for training (compile_config) run their eager code here: the cache's
+            # growing length would recompile them every token.
+            with torch.compiler.set_stance('force_eager'):
+                hidden, _ = model.hidden_states(step_input, mask, cache)
             logits = model.lm_head(hidden[:, -1])
         next_ids = sample_next(logits, temperature, top_k, top_p, generator)
         next_ids = torch.where(done, torch.full_like(next_ids, pad_token_id), next_ids)

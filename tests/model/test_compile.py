@@ -108,3 +108,13 @@ def test_cache_lengths_are_bucketed():
     assert bucket_length(MIN_BUCKET + 1, 4096) == 2 * MIN_BUCKET
     assert bucket_length(300, 400) == 400  # capped at the context
     assert bucket_length(30, 16) == 30  # never below what it must hold
+
+
+@torch.no_grad()
+def test_a_model_with_compiled_blocks_decodes_eagerly_without_compiling_per_token():
+    model = fresh_model()
+    expected = model.generate(ids(2, 5), max_new_tokens=10, stop_token_ids=())
+    compile_blocks(model, CompileConfig(backend='eager'))
+    before = graphs()
+    assert torch.equal(model.generate(ids(2, 5), max_new_tokens=10, stop_token_ids=()), expected)
+    assert graphs() == before  # the growing cache would otherwise compile the blocks again every token
