@@ -118,3 +118,14 @@ def test_a_model_with_compiled_blocks_decodes_eagerly_without_compiling_per_toke
     before = graphs()
     assert torch.equal(model.generate(ids(2, 5), max_new_tokens=10, stop_token_ids=()), expected)
     assert graphs() == before  # the growing cache would otherwise compile the blocks again every token
+
+
+@torch.no_grad()
+def test_a_step_that_fails_to_compile_decodes_eagerly():
+    def broken_backend(graph, example_inputs):
+        raise RuntimeError('no compiler here')
+
+    model = fresh_model()
+    expected = model.generate(ids(1, 5), max_new_tokens=6, stop_token_ids=())
+    assert torch.equal(model.generate(ids(1, 5), max_new_tokens=6, stop_token_ids=(),
+                                      compile={'backend': broken_backend}), expected)
