@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -107,21 +108,21 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 32, temperatu
     done = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
     out = [input_ids]
     step_input = input_ids
-    for _ in range(max_new_tokens):
-        mask = attention_mask[:, : cache.length + step_input.shape[1]] if attention_mask is not None else None
-        if step is not None and cache.length:
-            logits = step(step_input, cache, mask)
-        else:
-            # Blocks compiled for training (compile_config) run their eager code here: the cache's
-            # growing length would recompile them every token.
-            with torch.compiler.set_stance('force_eager'):
+    # Blocks compiled for training (compile_config) run their eager code in eager decoding: the
+    # cache's growing length would recompile them every token. (Set once: a switch costs milliseconds.)
+    with torch.compiler.set_stance('force_eager') if step is None else contextlib.nullcontext():
+        for _ in range(max_new_tokens):
+            mask = attention_mask[:, : cache.length + step_input.shape[1]] if attention_mask is not None else None
+            if step is not None and cache.length:
+                logits = step(step_input, cache, mask)
+            else:
                 hidden, _ = model.hidden_states(step_input, mask, cache)
-            logits = model.lm_head(hidden[:, -1])
-        next_ids = sample_next(logits, temperature, top_k, top_p, generator)
-        next_ids = torch.where(done, torch.full_like(next_ids, pad_token_id), next_ids)
-        out.append(next_ids[:, None])
-        done |= torch.isin(next_ids, stops)
-        if bool(done.all()):
-            break
-        step_input = next_ids[:, None]
+                logits = model.lm_head(hidden[:, -1])
+            next_ids = sample_next(logits, temperature, top_k, top_p, generator)
+            next_ids = torch.where(done, torch.full_like(next_ids, pad_token_id), next_ids)
+            out.append(next_ids[:, None])
+            done |= torch.isin(next_ids, stops)
+            if bool(done.all()):
+                break
+            step_input = next_ids[:, None]
     return torch.cat(out, dim=1)

@@ -13,6 +13,7 @@ import os
 import tempfile
 from pathlib import Path
 
+import torch
 from composer import Trainer
 from composer.core import DataSpec, Evaluator, Precision
 from composer.distributed.fsdp2 import create_mixed_precision_policy
