@@ -234,12 +234,14 @@ class DbrxLM(nn.Module):
         allowed |= (key_idx[None, :] == query_idx[:, None])[None]
         return position_ids, Dense(allowed[:, None])
 
-    def step_logits(self, input_ids, position_ids, mask, layer_caches) -> torch.Tensor:
+    def step_logits(self, input_ids, position_ids, key_mask, layer_caches) -> torch.Tensor:
         """Last-position logits `(batch, vocab)` with positions and the attention mask given whole: the
-        static-shape decoding step of `dbrx_train.model.decode`. `layer_caches` holds one cache per
-        block (each block sees layer 0 of its own: under torch.compile, one graph serves every block)."""
+        static-shape decoding step of `dbrx_train.model.decode`. `key_mask` `(batch, 1, 1, keys)` marks
+        the keys each row sees; `layer_caches` holds one cache per block (each block sees layer 0 of its
+        own: under torch.compile, one graph serves every block)."""
         cos, sin = rotary_cos_sin(position_ids, self.config.head_dim, self.config.attn_config.rope_theta)
         x = self.wte(input_ids)
+        mask = Dense(key_mask)
         for block, cache in zip(self.blocks, layer_caches):
             x, _ = block(x, cos, sin, mask, cache, 0)
         return self.lm_head(self.norm_f(x)[:, -1])

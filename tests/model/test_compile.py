@@ -10,6 +10,7 @@ import torch._dynamo
 from torch._dynamo.utils import counters
 
 from tests.model.conftest import tiny_dbrx
+from dbrx_train.model.attention import Causal
 from dbrx_train.model.compile import CompileConfig, compile_blocks
 from dbrx_train.model.decode import MIN_BUCKET, bucket_length
 from dbrx_train.model.dbrx import rotary_cos_sin
@@ -41,14 +42,14 @@ def test_attention_norms_and_router_compile_without_a_graph_break():
     block = model.blocks[0]
     x = torch.randn(2, 8, 64)
     cos, sin = rotary_cos_sin(torch.arange(8).expand(2, 8), model.config.head_dim, 500000.0)
-    explained = torch._dynamo.explain(block)(x, cos, sin)
+    explained = torch._dynamo.explain(block)(x, cos, sin, Causal())
     # The only break is the call into the eager experts (dynamo reports it once per frame it splits).
     reasons = explained.break_reasons
     assert reasons
     for reason in reasons:
         assert 'torch.compiler.disable' in reason.reason, reason
         assert 'run_experts(' in reason.user_stack[-1].line, reason
-    for part, args in ((block.norm_1, (x,)), (block.attn, (x, cos, sin)), (block.ffn.router, (x,))):
+    for part, args in ((block.norm_1, (x,)), (block.attn, (x, cos, sin, Causal())), (block.ffn.router, (x,))):
         torch.compile(part, fullgraph=True, backend='eager')(*args)  # raises on any break
 
 
