@@ -29,6 +29,7 @@ from dbrx_train.data.finetuning import MDS_COLUMNS, ROLES, render_chat
 from dbrx_train.data.text_to_mds import (
     JSONL_SUFFIXES,
     PREP_INFO_FILE,
+    BadRecord,
     check_output_dir,
     expand_inputs,
     staged_output,
@@ -39,10 +40,6 @@ log = logging.getLogger(__name__)
 
 OnBadLine = Literal['error', 'skip']
 TRAIN_SPLIT, EVAL_SPLIT = 'train', 'eval'
-
-
-class BadRecord(ValueError):
-    """A record that is not a usable example; the message says why (the caller adds where)."""
 
 
 # ---------------------------------------------------------------- records

@@ -106,14 +106,10 @@ def _read_jsonl(path: Path, text_field: str) -> Iterator[str]:
             for line_number, line in enumerate(f, start=1):
                 if not line.strip():
                     continue
-                where = f'{path}:{line_number}'
                 try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise UserError(f'{where}: not valid JSON ({e.msg})') from None
-                if not isinstance(record, dict) or text_field not in record:
-                    raise UserError(f'{where}: no {text_field!r} field (choose the field with --text-field)')
-                yield _checked_text(record[text_field], where, text_field)
+                    yield text_of_json_line(line, text_field)
+                except BadRecord as e:
+                    raise UserError(f'{path}:{line_number}: {e}') from None
         except UnicodeDecodeError as e:
             raise UserError(f'{path}: not UTF-8 text (byte {e.start}: {e.reason})') from None
 
@@ -151,10 +147,33 @@ def _read_hf_dataset(path: Path, text_field: str, split: str) -> Iterator[str]:
             row += 1
 
 
-def _checked_text(value: Any, where: str, text_field: str) -> str:
+class BadRecord(ValueError):
+    """A record that is not a usable document or example; the message says why (the caller adds where)."""
+
+
+def text_of_json_line(line: str, text_field: str) -> str:
+    """The text in `text_field` of one JSONL line, or `BadRecord`."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise BadRecord(f'not valid JSON ({e.msg})') from None
+    if not isinstance(record, dict) or text_field not in record:
+        raise BadRecord(f'no {text_field!r} field (choose the field with --text-field)')
+    return checked_text(record[text_field], text_field)
+
+
+def checked_text(value: Any, text_field: str) -> str:
+    """`value` if it is a string, or `BadRecord`."""
     if not isinstance(value, str):
-        raise UserError(f'{where}: {text_field!r} is {type(value).__name__}, not a string')
+        raise BadRecord(f'{text_field!r} is {type(value).__name__}, not a string')
     return value
+
+
+def _checked_text(value: Any, where: str, text_field: str) -> str:
+    try:
+        return checked_text(value, text_field)
+    except BadRecord as e:
+        raise UserError(f'{where}: {e}') from None
 
 
 # --- tokenizing ----------------------------------------------------------------------------------
@@ -167,7 +186,8 @@ def encode_documents(texts: list[str]) -> np.ndarray:
     return np.fromiter(itertools.chain.from_iterable(with_eos), dtype=np.int32)
 
 
-def _text_batches(documents: Iterable[str]) -> Iterator[list[str]]:
+def text_batches(documents: Iterable[str]) -> Iterator[list[str]]:
+    """`documents` in lists of about `_BATCH_CHARS` characters: the unit of tokenizing work."""
     batch: list[str] = []
     chars = 0
     for text in documents:
@@ -199,7 +219,26 @@ def _encoded_batches(batches: Iterable[list[str]], workers: int) -> Iterator[tup
             yield count, result.get()
 
 
-# --- writing -------------------------------------------------------------------------------------
+# --- packing and writing -------------------------------------------------------------------------
+
+
+class Packer:
+    """Cuts a stream of tokens into rows of exactly `seq_len`; what is left over waits in `pending`."""
+
+    def __init__(self, seq_len: int):
+        self.seq_len = seq_len
+        self.pending = np.empty(0, dtype=np.int32)
+
+    def add(self, tokens: np.ndarray, max_rows: int | None = None) -> np.ndarray:
+        """The `(n, seq_len)` rows complete after `tokens` (at most `max_rows`)."""
+        self.pending = np.concatenate([self.pending, tokens])
+        n = len(self.pending) // self.seq_len
+        if max_rows is not None:
+            n = min(n, max_rows)
+        rows = self.pending[: n * self.seq_len].reshape(n, self.seq_len)
+        self.pending = self.pending[n * self.seq_len :]
+        return rows
+
 
 
 def check_output_dir(out: str | Path, overwrite: bool) -> Path:
@@ -237,20 +276,16 @@ def convert_to_mds(
     with staged_output(out) as tmp:
         writer = MDSWriter(out=str(tmp), columns=MDS_COLUMNS, compression=compression)
         documents_read = samples = tokens_read = 0
-        pending = np.empty(0, dtype=np.int32)
+        packer = Packer(seq_len)
         with tqdm(total=max_tokens, unit='tok', unit_scale=True, desc=desc, dynamic_ncols=True) as bar:
-            for count, tokens in _encoded_batches(_text_batches(documents), workers):
+            for count, tokens in _encoded_batches(text_batches(documents), workers):
                 documents_read += count
                 tokens_read += len(tokens)
-                pending = np.concatenate([pending, tokens])
-                n = len(pending) // seq_len
-                if max_samples is not None:
-                    n = min(n, max_samples - samples)
-                for row in pending[: n * seq_len].reshape(n, seq_len):
+                rows = packer.add(tokens, None if max_samples is None else max_samples - samples)
+                for row in rows:
                     writer.write({TOKENS_COLUMN: row})
-                pending = pending[n * seq_len :]
-                samples += n
-                bar.update(n * seq_len)
+                samples += len(rows)
+                bar.update(rows.size)
                 if samples == max_samples:
                     break
         if samples == 0:
