@@ -106,11 +106,20 @@ def spark_session(master: str | None = None, conf: Mapping[str, str] | None = No
         builder = builder.config(key, value)
     existed = SparkSession.getActiveSession() is not None
     spark = builder.getOrCreate()
+    _quiet_task_failures(spark)
     try:
         yield spark
     finally:
         if not existed and not started_by_spark_submit():
             spark.stop()
+
+
+def _quiet_task_failures(spark: SparkSession) -> None:
+    """Spark logs a failed task's whole stack trace, and a bad record is a failed task: the driver
+    reports it in one line (and any other failure in full, from the exception it receives)."""
+    jvm = spark.sparkContext._jvm
+    for logger in ('org.apache.spark.executor.Executor', 'org.apache.spark.scheduler.TaskSetManager'):
+        jvm.org.apache.logging.log4j.core.config.Configurator.setLevel(logger, jvm.org.apache.logging.log4j.Level.OFF)
 
 
 def add_spark_arguments(parser: argparse.ArgumentParser) -> None:
@@ -434,7 +443,8 @@ def _join(out: str, *parts: str) -> str:
 
 def _run_partitions(spark: SparkSession, frame: DataFrame, writer: PartitionWriter) -> list[dict]:
     """Runs `writer` on every partition of `frame` (one Spark job); the partitions' results, in order."""
-    print(f'spark: {frame.rdd.getNumPartitions()} partitions on {spark.sparkContext.master}'
+    partitions = frame.rdd.getNumPartitions()
+    print(f'spark: {partitions} partition{"s" if partitions != 1 else ""} on {spark.sparkContext.master}'
           + (f', progress at {spark.sparkContext.uiWebUrl}' if spark.sparkContext.uiWebUrl else ''), file=sys.stderr)
     try:
         rows = frame.mapInArrow(writer, _RESULT_SCHEMA).collect()

@@ -139,17 +139,6 @@ def test_bad_records_are_skipped_and_counted_with_file_and_line(mixed):
     assert [line[:len(x)] for line, x in zip(got, expected)] == expected
 
 
-def test_a_bad_record_stops_the_job_naming_file_and_line_and_leaves_nothing(spark, tmp_path):
-    lines = [json.dumps({'text': f'{DOCS[i % len(DOCS)]} number {i}'}) for i in range(200)]
-    lines[150] = json.dumps({'text': 42})
-    source = tmp_path / 'bad.jsonl'
-    source.write_text('\n'.join(lines) + '\n')
-    assert source.stat().st_size > 2 * BLOCK_BYTES
-    with pytest.raises(UserError, match=rf"^{source}:151: 'text' is int, not a string .*--on-bad-line skip"):
-        convert_text_with_spark(spark, [source], tmp_path / 'out', seq_len=SEQ_LEN)
-    assert siblings(tmp_path / 'out') == ['bad.jsonl'] and not (tmp_path / 'out').exists()
-
-
 def test_finetuning_examples_match_the_one_process_converter(spark, tmp_path):
     records = [dict(c, prompt=f'{c["prompt"]} ({i})') if 'prompt' in c else c for i in range(30) for c in CHATS]
     records = [r for r in records if 'prompt' in r] + CHATS  # distinct records: 60 pairs and the 2 chats
@@ -168,6 +157,19 @@ def test_finetuning_examples_match_the_one_process_converter(spark, tmp_path):
 def examples(local: Path, split: str) -> Counter:
     dataset = FinetuningDataset(FinetuningDatasetConfig(local=str(local), split=split), max_seq_len=1024)
     return Counter(tuple(dataset[i]['input_ids'].tolist()) for i in range(len(dataset)))
+
+
+# Last of the Spark jobs: a task that fails takes its Python worker with it, and a new worker
+# imports Streaming (and torch) again.
+def test_a_bad_record_stops_the_job_naming_file_and_line_and_leaves_nothing(spark, tmp_path):
+    lines = [json.dumps({'text': f'{DOCS[i % len(DOCS)]} number {i}'}) for i in range(200)]
+    lines[150] = json.dumps({'text': 42})
+    source = tmp_path / 'bad.jsonl'
+    source.write_text('\n'.join(lines) + '\n')
+    assert source.stat().st_size > 2 * BLOCK_BYTES
+    with pytest.raises(UserError, match=rf"^{source}:151: 'text' is int, not a string .*--on-bad-line skip"):
+        convert_text_with_spark(spark, [source], tmp_path / 'out', seq_len=SEQ_LEN)
+    assert siblings(tmp_path / 'out') == ['bad.jsonl'] and not (tmp_path / 'out').exists()
 
 
 def test_command_line_without_pyspark_is_one_line(tmp_path, capsys, monkeypatch):
