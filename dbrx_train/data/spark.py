@@ -61,9 +61,7 @@ INSTALL_HINT = "pip install -c requirements/constraints.txt -e '.[spark]'"
 JAVA_HINT = 'apt-get install openjdk-17-jre-headless, or set JAVA_HOME'
 BAD_LINES_KEPT = 1000  # bad records listed in prep_info.json (all are counted)
 _BAD_MARKER = 'dbrx-bad-record:'  # how an executor's bad record reaches the driver inside Spark's error
-# The columns every input is read into: its kind, the raw record, and where it came from.
-_ROW_SCHEMA = 'kind string, payload binary, file string, block long, row long'
-_RESULT_SCHEMA = 'result string'
+_RESULT_SCHEMA = 'result string'  # one JSON row per partition
 
 
 # ---------------------------------------------------------------- the session
@@ -123,7 +121,7 @@ def _quiet_task_failures(spark: SparkSession) -> None:
 
 
 def add_spark_arguments(parser: argparse.ArgumentParser) -> None:
-    """The converters' `--engine` options, and `--on-bad-line`, which both engines of both read."""
+    """The converters' `--engine` options, and `--on-bad-line` (the local text engine only stops)."""
     parser.add_argument('--on-bad-line', choices=('error', 'skip'), default='error',
                         help='stop at the first bad record (default), or report each and leave it out')
     parser.add_argument('--engine', choices=('local', 'spark'), default='local',
@@ -155,7 +153,8 @@ def parse_spark_conf(pairs: Sequence[str]) -> dict[str, str]:
 @dataclass(frozen=True)
 class Source:
     """Inputs of one kind that Spark reads together: 'jsonl' (one record per line), 'text' (one
-    document per file), 'parquet' (files or a table directory) or 'delta' (a table directory)."""
+    document per file), 'parquet' (files or a table directory), 'delta' (a table directory) or
+    'table' (a bucket URI without a suffix: Delta or parquet, whichever it holds)."""
 
     kind: str
     paths: tuple[str, ...]
@@ -208,7 +207,8 @@ def plan_sources(inputs: Sequence[str | Path], kinds: Sequence[str]) -> list[Sou
 
 
 def read_sources(spark: SparkSession, sources: Sequence[Source], text_field: str) -> DataFrame:
-    """One DataFrame of `_ROW_SCHEMA` rows: each source's records, sources in order."""
+    """One DataFrame of every source's records, in order, as (kind, payload: the raw bytes, file, block:
+    the byte where Spark's block of a JSONL file starts, row: a table's row number)."""
     frames = [_read_source(spark, source, text_field) for source in sources]
     return functools.reduce(lambda a, b: a.union(b), frames)
 
