@@ -573,11 +573,14 @@ def _output(out: str, overwrite: bool) -> Iterator[tuple[str, Any]]:
     if _is_remote(out):
         from streaming.base.storage.upload import CloudUploader
 
+        uploader = CloudUploader.get(out, keep_local=False)
         try:
-            uploader = CloudUploader.get(out, exist_ok=False, keep_local=False)
-        except FileExistsError:
-            hint = '; --overwrite is for local folders' if overwrite else ''
-            raise UserError(f'output {out} is not empty: choose a new prefix{hint}') from None
+            existing = uploader.list_objects()
+        except NotImplementedError:  # Streaming lists s3, gs, oci and local stores; others are not checked
+            existing = None
+        if existing:
+            hint = ' (--overwrite is for local folders)' if overwrite else ''
+            raise UserError(f'output {out} is not empty: choose a new prefix{hint}')
 
         def write_remote(name: str, text: str) -> None:
             Path(uploader.local, name).write_text(text)
