@@ -176,7 +176,7 @@ def report(rows: list[dict], args: argparse.Namespace) -> None:
     print(f'\nload average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; '
           f'cpu capability {torch.backends.cpu.get_cpu_capability()}; seq_len {SEQ_LEN}\n')
     print('| converter | input MB | tokens | seconds | tokens/s | vs one process | '
-          'Python driver peak MB | JVM peak MB | Spark start s | workers' start s |')
+          "Python driver peak MB | JVM peak MB | Spark start s | workers' start s |")
     print('|---|---|---|---|---|---|---|---|---|---|')
     for r in rows:
         rate = r['tokens'] / r['seconds']
