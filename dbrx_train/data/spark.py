@@ -48,6 +48,7 @@ from dbrx_train.data.text_to_mds import (
     text_of_json_line,
 )
 from dbrx_train.errors import UserError
+from dbrx_train.uri import is_remote
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
@@ -160,10 +161,6 @@ class Source:
     paths: tuple[str, ...]
 
 
-def _is_remote(path: str) -> bool:
-    return urllib.parse.urlparse(str(path)).scheme not in ('', 'file')
-
-
 def _kind_by_suffix(path: str) -> str:
     suffix = Path(urllib.parse.urlparse(path).path).suffix.lower()
     return 'jsonl' if suffix in JSONL_SUFFIXES else 'parquet' if suffix == '.parquet' else 'text'
@@ -191,7 +188,7 @@ def plan_sources(inputs: Sequence[str | Path], kinds: Sequence[str]) -> list[Sou
         raise UserError('no input given')
     for given in inputs:
         given = str(given)
-        if _is_remote(given):
+        if is_remote(given):
             suffix_kind = _kind_by_suffix(given)
             has_suffix = Path(urllib.parse.urlparse(given).path).suffix != ''
             add(suffix_kind if has_suffix else 'table', given)
@@ -550,7 +547,7 @@ def convert(
         for split in task.splits:
             with _quiet_root_logger():  # merge_index announces its temporary folder as a warning
                 merge_index([_join(target, split, r['group'], 'index.json') for r in results], _join(target, split),
-                            keep_local=not _is_remote(target))
+                            keep_local=not is_remote(target))
         stats, prep_info = info(run)
         write_file(PREP_INFO_FILE, json.dumps(prep_info, indent=2) + '\n')
     return stats, run
@@ -570,7 +567,7 @@ def _output(out: str, overwrite: bool) -> Iterator[tuple[str, Any]]:
     """(where the executors write, `write_file(name, text)` at its root). A local `out` is staged beside
     it and renamed into place when complete (so on a cluster it must be a folder every node shares);
     a bucket prefix must be new or empty, and only gets its root index.json once complete."""
-    if _is_remote(out):
+    if is_remote(out):
         from streaming.base.storage.upload import CloudUploader
 
         uploader = CloudUploader.get(out, keep_local=False)
