@@ -548,6 +548,10 @@ def convert(
             with _quiet_root_logger():  # merge_index announces its temporary folder as a warning
                 merge_index([_join(target, split, r['group'], 'index.json') for r in results], _join(target, split),
                             keep_local=not is_remote(target))
+            if not is_remote(target):  # the shard group of a task attempt that failed (its retry wrote anew)
+                for group in Path(target, split).glob('part-*'):
+                    if group.name not in {r['group'] for r in results}:
+                        shutil.rmtree(group)
         stats, prep_info = info(run)
         write_file(PREP_INFO_FILE, json.dumps(prep_info, indent=2) + '\n')
     return stats, run
