@@ -114,8 +114,9 @@ def run_one(engine: str, corpus: Path, out: Path) -> dict:
         # A first small job starts the Python workers (each imports Streaming, hence torch): a fixed
         # cost per executor core, reported apart from the conversion's throughput.
         warm = time.perf_counter()
-        spark.conf.set('spark.sql.files.maxPartitionBytes', '4096')
-        convert_text_with_spark(spark, [_warmup_input(out.parent)], out.parent / 'warmup', seq_len=8)
+        warmup = _warmup_input(out.parent)
+        spark.conf.set('spark.sql.files.maxPartitionBytes', str(warmup.stat().st_size // 2 + 1))  # one task per core
+        convert_text_with_spark(spark, [warmup], out.parent / 'warmup', seq_len=8)
         spark.conf.unset('spark.sql.files.maxPartitionBytes')
         start = time.perf_counter()
         stats, run = convert_text_with_spark(spark, [corpus], out, seq_len=SEQ_LEN)
@@ -136,9 +137,11 @@ def measure(engine: str, corpus: Path, scratch: Path) -> dict:
     out = scratch / f'out-{engine}'
     try:
         result = subprocess.run([sys.executable, __file__, '--run', engine, '--corpus', str(corpus), '--out', str(out)],
-                                check=True, capture_output=True, text=True, cwd=REPO)
+                                capture_output=True, text=True, cwd=REPO)
     finally:
         shutil.rmtree(out, ignore_errors=True)
+    if result.returncode:
+        raise SystemExit(f'{engine} on {corpus.name} failed:\n{result.stderr[-4000:]}')
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
