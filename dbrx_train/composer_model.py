@@ -47,7 +47,10 @@ class ComposerDbrx(ComposerModel):
 
     def loss(self, outputs, batch):
         # Composer backpropagates 'total' and logs every entry as loss/train/<key>.
-        return {'total': outputs.loss, 'lm': outputs.lm_loss.detach(), 'moe_aux': outputs.aux_loss.detach()}
+        losses = {'total': outputs.loss, 'lm': outputs.lm_loss.detach(), 'moe_aux': outputs.aux_loss.detach()}
+        if self.model.config.ffn_config.moe_zloss_weight:
+            losses['moe_zloss'] = outputs.z_loss.detach()
+        return losses
 
     def eval_forward(self, batch, outputs=None):
         mode = batch.get('mode')

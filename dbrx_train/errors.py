@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import sys
+from pathlib import Path
 from typing import Callable, TypeVar
 
 
@@ -22,6 +23,19 @@ class ConfigError(UserError):
 
 class CheckpointError(UserError):
     """A checkpoint directory is missing files or holds tensors of the wrong name or shape."""
+
+
+def check_local_path(key: str, name_or_path: str, what: str) -> Path:
+    """`name_or_path` as an existing local path, or a `ConfigError`; a Hugging Face hub name (`org/name`,
+    nothing there locally) gets one line saying the hub is unreachable and what to pass instead."""
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        return path
+    if not name_or_path.startswith(('.', '/', '~')) and name_or_path.count('/') == 1:
+        raise ConfigError(key, f'{name_or_path!r} is a Hugging Face hub name and the hub is not reachable from here: '
+                               f'download the {what} where it is (huggingface-cli download {name_or_path} '
+                               f'{"--repo-type dataset " if what == "dataset" else ""}--local-dir DIR) and pass DIR')
+    raise ConfigError(key, f'{what} not found: {path}')
 
 
 F = TypeVar('F', bound=Callable[..., object])

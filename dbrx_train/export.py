@@ -1,6 +1,7 @@
 """Export a (fine-tuned) model to a transformers directory, tokenizer and chat template included.
 
     python -m dbrx_train.export SOURCE OUT [--dtype bfloat16] [--max-shard-size 5GB] [--overwrite]
+                                           [--chat-template chatml|dbrx_instruct]
 
 SOURCE is a Composer save_folder or checkpoint that train.py wrote (LoRA adapters are merged),
 a dbrx_train checkpoint, or a transformers DBRX directory. The work is
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 
+from dbrx_train.chat_template import TEMPLATES
 from dbrx_train.checkpoints.export import DTYPES, export
 from dbrx_train.checkpoints.storage import parse_size
 from dbrx_train.errors import cli_entry
@@ -24,8 +26,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument('--dtype', default='auto', choices=list(DTYPES), help='weight dtype (default: as stored)')
     parser.add_argument('--max-shard-size', default='5GB', help='largest weight file (default 5GB)')
     parser.add_argument('--overwrite', action='store_true', help='replace an earlier export at OUT')
+    parser.add_argument('--chat-template', default='chatml', choices=list(TEMPLATES),
+                        help="the tokenizer's chat template: chatml (default) or dbrx_instruct (DBRX Instruct's, "
+                             'with its default system prompt)')
     args = parser.parse_args(argv)
-    print(f'wrote {export(args.source, args.out, args.dtype, parse_size(args.max_shard_size), args.overwrite)}')
+    out = export(args.source, args.out, args.dtype, parse_size(args.max_shard_size), args.overwrite, args.chat_template)
+    print(f'wrote {out}')
 
 
 if __name__ == '__main__':

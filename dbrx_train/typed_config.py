@@ -1,8 +1,9 @@
 """Typed configs validated once, at the edge.
 
 `parse(Schema, mapping)` turns what omegaconf read from a YAML (plus command-line overrides)
-into a frozen dataclass. Unknown keys (with the closest valid key suggested), wrong types and
-the schema's own `check()` all fail with one `ConfigError` naming the dotted key. The rest of
+into a frozen dataclass. A schema with a `translate_input` static method reads another schema too
+(`TrainConfig`, `EvalConfig`: llm-foundry's): the mapping goes through it first. Unknown keys (with
+the closest valid key suggested), wrong types and the schema's own `check()` all fail with one `ConfigError` naming the dotted key. The rest of
 the code trusts the dataclass it gets. A field typed `Annotated[T, parse_fn]` is parsed by
 `parse_fn(value, key)` (for values with more than one spelling, such as a list or a file holding one).
 """
@@ -55,6 +56,12 @@ def parse(schema: type[T], data: Any, path: str = '') -> T:
         return data
     if not isinstance(data, Mapping):
         raise ConfigError(path, f'expected a mapping, got {_describe(data)}')
+    translate = getattr(schema, 'translate_input', None)
+    if translate is not None:
+        try:
+            data = translate(data)
+        except ConfigError as e:
+            raise ConfigError(_join(path, e.key), e.problem) from None
     fields = {f.name: f for f in dataclasses.fields(schema) if f.init}
     hints = typing.get_type_hints(schema, include_extras=True)
     for key in data:

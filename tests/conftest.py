@@ -68,3 +68,42 @@ def tiny_corpus(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp('corpus')
     make_embedded_corpus(out, seq_len=CORPUS_SEQ_LEN, max_tokens=40_000)
     return out
+
+
+def save_tiny_hf_dbrx(out: Path, max_seq_len: int) -> Path:
+    """A random transformers `DbrxForCausalLM` (2 layers, d_model 64, 8 experts top-2, DBRX's vocabulary)
+    written to `out` with save_pretrained."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.DbrxConfig(
+        d_model=64, n_heads=4, n_layers=2, max_seq_len=max_seq_len, vocab_size=100352,
+        attn_config={'kv_n_heads': 2, 'clip_qkv': 8.0, 'rope_theta': 500000.0},
+        ffn_config={'ffn_hidden_size': 32, 'moe_num_experts': 8, 'moe_top_k': 2})
+    transformers.DbrxForCausalLM(config).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope='session')
+def tiny_hf_dbrx(tmp_path_factory) -> Path:
+    """`save_tiny_hf_dbrx` with DBRX's 32k context, once per test session: a local stand-in for a hub DBRX."""
+    return save_tiny_hf_dbrx(tmp_path_factory.mktemp('tiny_hf_dbrx'), max_seq_len=32768)
+
+
+DOLLY_PROMPT = ('Below is an instruction that describes a task. Write a response that appropriately completes the '
+                'request.\n### Instruction:\n{}\n### Response:\n')
+
+
+@pytest.fixture(scope='session')
+def dolly_dir(tmp_path_factory) -> Path:
+    """A folder as `datasets` reads mosaicml/dolly_hhrlhf's splits: train.jsonl (200 records) and test.jsonl (8)
+    of {"prompt", "response"}, the prompt in dolly_hhrlhf's instruction format."""
+    import json
+
+    folder = tmp_path_factory.mktemp('dolly_hhrlhf')
+    for split, count in (('train', 200), ('test', 8)):
+        records = [{'prompt': DOLLY_PROMPT.format(f'Add {i} and {i + 1}.'), 'response': f'{i} + {i + 1} = {2 * i + 1}.'}
+                   for i in range(count)]
+        (folder / f'{split}.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in records))
+    return folder

@@ -139,10 +139,14 @@ class ComposerTensors:
     into their weights; checked against `config` (names and shapes) on opening. A sharded
     checkpoint is read tensor by tensor; a full one is a single pickle, loaded once."""
 
-    def __init__(self, path: str | Path, config: ModelConfig):
-        self.checkpoint = resolve(path)
-        self.sharded = self.checkpoint.is_dir()
-        if self.sharded:
+    def __init__(self, path: str | Path, config: ModelConfig, weights: dict[str, torch.Tensor] | None = None):
+        """`weights`: a model's full state dict in memory instead (`path` then only names it in errors)."""
+        self.checkpoint = Path(path) if weights is not None else resolve(path)
+        self.sharded = weights is None and self.checkpoint.is_dir()
+        if weights is not None:
+            self._weights = weights
+            self._stored = {name: tuple(t.shape) for name, t in weights.items()}
+        elif self.sharded:
             metadata = SafeReader(str(self.checkpoint)).read_metadata().state_dict_metadata
             self._dcp = {key.removeprefix(MODEL_PREFIX): meta for key, meta in metadata.items()
                          if key.startswith(MODEL_PREFIX)}

@@ -6,7 +6,7 @@ into the weights), a dbrx_train checkpoint, or a transformers DBRX directory. OU
 `DbrxForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained` load without remote code:
 config.json, generation_config.json (stops on <|endoftext|> and <|im_end|>, pads with <|pad|>),
 safetensors shards with their index, and a fast tokenizer (tokenizer.json: cl100k_base plus DBRX's
-special tokens at DBRX's ids) whose chat template is DBRX's ChatML.
+special tokens at DBRX's ids) whose chat template is plain ChatML or DBRX Instruct's (`chat_template`).
 
 Tensors are streamed: each is read on its own (from a sharded Composer checkpoint, only that
 tensor's chunks), merged with its adapter factors, cast and written into the current output
@@ -26,13 +26,14 @@ from pathlib import Path
 
 import torch
 
+from dbrx_train.chat_template import TEMPLATES, ChatTemplateName
+from dbrx_train.checkpoints.composer import ComposerTensors
 from dbrx_train.checkpoints.formats import NamedTensors, open_saved
 from dbrx_train.checkpoints.hf import hf_config, hf_names
 from dbrx_train.checkpoints.storage import DEFAULT_MAX_SHARD_BYTES, atomic_directory, write_weights
 from dbrx_train.errors import UserError
 from dbrx_train.model.config import ModelConfig
 from dbrx_train.tokenizer import (
-    CHATML_TEMPLATE,
     EOS_TOKEN,
     IM_END_ID,
     IM_END_TOKEN,
@@ -57,17 +58,32 @@ def source_tensors(source: str | Path) -> tuple[ModelConfig, NamedTensors]:
     return saved.config, saved.tensors(desc='exporting')
 
 
+def state_dict_tensors(config: ModelConfig, state_dict: dict[str, torch.Tensor]) -> NamedTensors:
+    """The plain `DbrxLM` tensors of a (LoRA-adapted) model's full state dict, adapters merged."""
+    return iter(ComposerTensors('the model in memory', config, weights=state_dict))
+
+
 # ---------------------------------------------------------------- writing
 
 
 def export(source: str | Path, out: str | Path, dtype: str = 'auto', max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-           overwrite: bool = False) -> Path:
-    """Writes the transformers directory of `source` to `out` (atomically); `dtype` 'auto' keeps the stored one."""
-    from transformers import GenerationConfig  # seconds to import: only when exporting
-
+           overwrite: bool = False, chat_template: ChatTemplateName = 'chatml',
+           model_max_length: int | None = None) -> Path:
+    """Writes the transformers directory of `source` to `out` (atomically); `dtype` 'auto' keeps the stored one.
+    The tokenizer renders `chat_template`; `model_max_length` defaults to the model's max_seq_len."""
     if dtype not in DTYPES:
         raise UserError(f'dtype must be one of {", ".join(DTYPES)}, got {dtype!r}')
     config, tensors = source_tensors(source)
+    return write_transformers_dir(config, tensors, out, dtype, max_shard_bytes, overwrite, chat_template,
+                                  model_max_length)
+
+
+def write_transformers_dir(config: ModelConfig, tensors: NamedTensors, out: str | Path, dtype: str = 'auto',
+                           max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False,
+                           chat_template: ChatTemplateName = 'chatml', model_max_length: int | None = None) -> Path:
+    """Writes `tensors` (plain `DbrxLM` names) as a transformers directory, atomically."""
+    from transformers import GenerationConfig  # seconds to import: only when exporting
+
     names = hf_names(config.n_layers)
     with atomic_directory(out, overwrite) as tmp:
         first_name, first = next(tensors)
@@ -79,20 +95,20 @@ def export(source: str | Path, out: str | Path, dtype: str = 'auto', max_shard_b
             log.warning('no tokenizer written: a vocabulary of %d is too small for DBRX\'s tokens', config.vocab_size)
         else:
             GenerationConfig(eos_token_id=list(STOP_TOKEN_IDS), pad_token_id=PAD_ID).save_pretrained(tmp)
-            save_tokenizer(tmp, config.max_seq_len)
+            save_tokenizer(tmp, model_max_length or config.max_seq_len, chat_template)
     return Path(out)
 
 
-def save_tokenizer(directory: str | Path, model_max_length: int) -> None:
+def save_tokenizer(directory: str | Path, model_max_length: int, chat_template: ChatTemplateName = 'chatml') -> None:
     """A transformers fast tokenizer equal to `tokenizer.get_encoding()` (same ids, same special tokens),
-    with the ChatML chat template: loads with `AutoTokenizer`, no remote code."""
+    with the chat template `chat_template` (chat_template.py): loads with `AutoTokenizer`, no remote code."""
     from tokenizers import Tokenizer  # as transformers: seconds to import
     from transformers import PreTrainedTokenizerFast
 
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=Tokenizer.from_str(_tokenizer_json()), eos_token=EOS_TOKEN, bos_token=EOS_TOKEN,
         unk_token=EOS_TOKEN, pad_token=PAD_TOKEN, additional_special_tokens=[IM_START_TOKEN, IM_END_TOKEN],
-        chat_template=CHATML_TEMPLATE, model_max_length=model_max_length,
+        chat_template=TEMPLATES[chat_template], model_max_length=model_max_length,
     )
     tokenizer.save_pretrained(directory)
 

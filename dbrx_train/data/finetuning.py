@@ -1,6 +1,7 @@
 """Fine-tuning data: chats rendered with DBRX's ChatML, loss masks, truncation, packing, the loader.
 
-A chat is rendered exactly as `tokenizer.CHATML_TEMPLATE` renders it, turn by turn:
+A chat is rendered exactly as its chat template (`chat_template.py`: plain ChatML, or DBRX Instruct's
+with its default system prompt) renders it, e.g. ChatML turn by turn:
 
     <|im_start|>{role}\\n{content}<|im_end|>\\n
 
@@ -37,10 +38,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from dbrx_train.chat_template import ChatTemplateName, chat_ids
 from dbrx_train.constants import IGNORE_INDEX
 from dbrx_train.data.text_dataset import LoaderConfig, StreamConfig, check_local_data, resolve_max_seq_len
-from dbrx_train.errors import ConfigError
-from dbrx_train.tokenizer import IM_END_ID, IM_START_ID, PAD_ID, get_encoding
+from dbrx_train.errors import ConfigError, check_local_path
+from dbrx_train.tokenizer import EOS_ID, PAD_ID, get_encoding
 from dbrx_train.typed_config import parse
 
 log = logging.getLogger(__name__)
@@ -53,27 +55,10 @@ PAD_VALUES = {'input_ids': PAD_ID, 'labels': IGNORE_INDEX, 'sequence_id': -1}
 # ---------------------------------------------------------------- rendering
 
 
-def render_chat(messages: list[tuple[str, str]]) -> tuple[np.ndarray, np.ndarray]:
-    """Token ids of a chat `[(role, content), ...]` and, per token, its assistant turn (1-based; 0 outside
-    responses). Special tokens are placed by id: message text cannot forge them."""
-    encoding = get_encoding()
-    newline = encoding.encode_ordinary('\n')
-    ids: list[int] = []
-    turns: list[int] = []
-    assistant_turns = 0
-    for role, content in messages:
-        if role == 'assistant':
-            assistant_turns += 1
-            header = [IM_START_ID, *encoding.encode_ordinary('assistant\n')]
-            response = [*encoding.encode_ordinary(content), IM_END_ID]
-            ids += header + response
-            turns += [0] * len(header) + [assistant_turns] * len(response)
-        else:
-            turn = [IM_START_ID, *encoding.encode_ordinary(f'{role}\n{content}'), IM_END_ID]
-            ids += turn
-            turns += [0] * len(turn)
-        ids += newline
-        turns += [0] * len(newline)
+def render_chat(messages: list[tuple[str, str]], template: ChatTemplateName = 'chatml') -> tuple[np.ndarray, np.ndarray]:
+    """Token ids of a chat `[(role, content), ...]` rendered with `template` and, per token, its assistant
+    turn (1-based; 0 outside responses). Special tokens are placed by id: message text cannot forge them."""
+    ids, turns = chat_ids(messages, template, get_encoding().encode_ordinary)
     return np.array(ids, dtype=np.int32), np.array(turns, dtype=np.int16)
 
 
@@ -96,8 +81,28 @@ class FinetuningDatasetConfig:
     target_responses: Literal['all', 'last'] = 'all'
     too_long: Literal['drop', 'truncate_left', 'truncate_right'] = 'drop'
     packing: bool = False
+    # llm-foundry's keys. hf_name: a local directory of split files ({split}.jsonl, {split}/*.jsonl, ...) or
+    # one saved by `datasets`, converted to MDS beside it on first use (data/finetuning_source.py).
+    hf_name: str | None = None
+    packing_ratio: float | Literal['auto'] | None = None  # 'auto' or > 1: packing (rows planned whole-dataset)
+    decoder_only_format: bool = True  # DBRX is decoder-only
+    allow_pad_trimming: bool | None = None
+    eos_token_id: int | None = None  # checked against the tokenizer's (llm-foundry does not use it either)
 
     def check(self) -> None:
+        if self.hf_name is not None:
+            for key in ('streams', 'local', 'remote'):
+                if getattr(self, key):
+                    raise ConfigError(key, 'give hf_name (a directory of split files) or prepared MDS data, not both')
+            if not check_local_path('hf_name', self.hf_name, 'dataset').is_dir():
+                raise ConfigError('hf_name', f'{self.hf_name} is not a directory (of split files, or saved by datasets)')
+        if not self.decoder_only_format:
+            raise ConfigError('decoder_only_format', 'DBRX is a decoder-only model: set it true')
+        if self.packing_ratio is not None:
+            if self.packing:
+                raise ConfigError('packing_ratio', 'give packing_ratio (llm-foundry) or packing, not both')
+            if self.packing_ratio != 'auto' and self.packing_ratio < 1:
+                raise ConfigError('packing_ratio', f'must be at least 1 (or auto, or null), got {self.packing_ratio}')
         if self.streams:
             for key in ('local', 'remote', 'split'):
                 if getattr(self, key) is not None:
@@ -107,10 +112,29 @@ class FinetuningDatasetConfig:
                 if weighted:
                     raise ConfigError(f'streams.{name}.{weighted[0]}',
                                       'not supported for fine-tuning data: every example is used once per epoch')
-        elif self.local is None and self.remote is None:
-            raise ConfigError('local', 'no data: give local (a prepared directory) / remote, or streams')
+        elif self.local is None and self.remote is None and self.hf_name is None:
+            raise ConfigError('local', 'no data: give local (a prepared directory) / remote, streams, or hf_name')
         if self.max_seq_len is not None and self.max_seq_len < 2:
             raise ConfigError('max_seq_len', f'must be at least 2, got {self.max_seq_len}')
+
+    @property
+    def packs(self) -> bool:
+        """Several examples per row: `packing`, or llm-foundry's packing_ratio 'auto' or above 1."""
+        return self.packing or (self.packing_ratio is not None and (self.packing_ratio == 'auto'
+                                                                     or self.packing_ratio > 1))
+
+    def notes(self) -> list[str]:
+        found = []
+        if self.eos_token_id is not None and self.eos_token_id != EOS_ID:
+            found.append(f'eos_token_id: {self.eos_token_id} is not the tokenizer\'s <|endoftext|> ({EOS_ID}); '
+                         'examples end with the tokenizer\'s own (llm-foundry only checks it when replicating data)')
+        if isinstance(self.packing_ratio, float) and self.packing_ratio > 1:
+            found.append(f'packing_ratio: {self.packing_ratio:g} turns packing on; rows are planned from the whole '
+                         'dataset (best fit), not a fixed number of examples per row')
+        if self.allow_pad_trimming is False:
+            found.append('allow_pad_trimming: false; rows are padded to the longest of their batch, as trimming '
+                         'does (padding to max_seq_len would change no result, only cost compute)')
+        return found
 
     def stream_locations(self) -> list[dict[str, str | None]]:
         if self.streams:
@@ -152,7 +176,7 @@ class FinetuningStats:
     def summary(self, section: str, config: FinetuningDatasetConfig, max_seq_len: int) -> str:
         text = (f'{section}: {self.examples} examples -> {self.sequences} sequences of at most {max_seq_len} tokens '
                 f'({self.tokens / max(1, self.sequences * max_seq_len):.0%} filled'
-                f'{", packed" if config.packing else ""})')
+                f'{", packed" if config.packs else ""})')
         side = config.too_long.removeprefix('truncate_')
         if self.truncated:
             text += f'; {self.truncated} longer than max_seq_len truncated on the {side}'
@@ -222,7 +246,7 @@ class FinetuningDataset(Dataset):
                 continue
             truncated += stop - start < len(turns)
             windows.append(Window(index, start, stop))
-        rows = pack(windows, self.max_seq_len) if self.config.packing else [[w] for w in windows]
+        rows = pack(windows, self.max_seq_len) if self.config.packs else [[w] for w in windows]
         stats = FinetuningStats(self.source.num_samples, truncated, dropped_too_long, dropped_no_target, len(rows),
                                 sum(w.stop - w.start for w in windows))
         return rows, stats
@@ -241,7 +265,7 @@ class FinetuningDataset(Dataset):
             labels.append(np.where(targets, tokens, IGNORE_INDEX))
             sequence_id.append(np.full(len(tokens), number))
         row = {'input_ids': input_ids, 'labels': labels}
-        if self.config.packing:
+        if self.config.packs:
             row['sequence_id'] = sequence_id
         return {name: torch.from_numpy(np.concatenate(parts)) for name, parts in row.items()}
 
@@ -286,6 +310,10 @@ def build_finetuning_dataloader(loader_cfg: FinetuningLoaderConfig | Mapping[str
     cfg = loader_cfg if isinstance(loader_cfg, FinetuningLoaderConfig) else parse(FinetuningLoaderConfig, loader_cfg,
                                                                                    section)
     dataset = FinetuningDataset(cfg.dataset, max_seq_len, key=f'{section}.dataset')
+    batch = device_batch_size * dist.get_world_size()
+    if cfg.drop_last and len(dataset) < batch:  # else every epoch is empty and training never ends
+        raise ConfigError(f'{section}.drop_last', f'the data makes {len(dataset)} rows, fewer than one batch of {batch}: '
+                                                  'add data, use a smaller batch, or set drop_last false')
     sampler = DistributedSampler(dataset, num_replicas=dist.get_world_size(), rank=dist.get_global_rank(),
                                  shuffle=cfg.dataset.shuffle, seed=cfg.dataset.shuffle_seed, drop_last=cfg.drop_last)
     return DataLoader(dataset, batch_size=device_batch_size, sampler=sampler, collate_fn=collate_finetuning,

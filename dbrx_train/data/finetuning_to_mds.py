@@ -23,8 +23,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 from tqdm import tqdm
 
+from dbrx_train.chat_template import ChatTemplateName
 from dbrx_train.data.finetuning import MDS_COLUMNS, ROLES, render_chat
 from dbrx_train.data.text_to_mds import (
     JSONL_SUFFIXES,
@@ -35,11 +37,33 @@ from dbrx_train.data.text_to_mds import (
     staged_output,
 )
 from dbrx_train.errors import UserError
+from dbrx_train.tokenizer import EOS_ID, get_encoding
 
 log = logging.getLogger(__name__)
 
 OnBadLine = Literal['error', 'skip']
 TRAIN_SPLIT, EVAL_SPLIT = 'train', 'eval'
+
+
+class PromptResponse(list):
+    """The chat of a {"prompt", "response"} record: `[('user', prompt), ('assistant', response)]`."""
+
+
+# How {"prompt", "response"} records are rendered: 'chat' as a user turn and the assistant's answer in the
+# chat template; 'concatenated' as llm-foundry's decoder-only format does (the prompt, the response, then
+# <|endoftext|>; the prompt carries its own instruction format, as mosaicml/dolly_hhrlhf's).
+PromptResponseFormat = Literal['chat', 'concatenated']
+
+
+def render_example(chat: list[tuple[str, str]], template: ChatTemplateName = 'chatml',
+                   prompt_response: PromptResponseFormat = 'chat') -> tuple[np.ndarray, np.ndarray]:
+    """Token ids and assistant turns of one example (`iter_examples`' chats)."""
+    if prompt_response == 'concatenated' and isinstance(chat, PromptResponse):
+        encode = get_encoding().encode_ordinary
+        prompt, response = encode(chat[0][1]), [*encode(chat[1][1]), EOS_ID]
+        return (np.array(prompt + response, dtype=np.int32),
+                np.array([0] * len(prompt) + [1] * len(response), dtype=np.int16))
+    return render_chat(chat, template)
 
 
 # ---------------------------------------------------------------- records
@@ -107,7 +131,8 @@ class BadLines:
 
 
 def iter_examples(inputs: Sequence[str | Path], bad: BadLines, split: str = 'train') -> Iterator[list[tuple[str, str]]]:
-    """The chats of every good record of `inputs`, in order; bad ones go to `bad`.
+    """The chats of every good record of `inputs`, in order; bad ones go to `bad`. A prompt/response
+    record is the chat `[('user', prompt), ('assistant', response)]` with `prompt_response` set.
 
     An input is a JSONL file (`.jsonl`/`.json`, one record per line), a directory saved by `datasets`'
     `save_to_disk` (`split` picks from a DatasetDict), or a directory of JSONL files (sorted).
@@ -123,7 +148,7 @@ def iter_examples(inputs: Sequence[str | Path], bad: BadLines, split: str = 'tra
             try:
                 if isinstance(record, BadRecord):
                     raise record
-                yield parse_record(record)
+                yield PromptResponse(parse_record(record)) if 'messages' not in record else parse_record(record)
             except BadRecord as e:
                 bad.report(where, str(e))
 
@@ -177,8 +202,11 @@ def convert_finetuning_to_mds(
     hf_split: str = 'train',
     overwrite: bool = False,
     compression: str | None = 'zstd',
+    chat_template: ChatTemplateName = 'chatml',
+    prompt_response: PromptResponseFormat = 'chat',
 ) -> PrepStats:
-    """Writes `out/train` (and `out/eval`, a random `eval_fraction` of the examples) plus prep_info.json."""
+    """Writes `out/train` (and `out/eval`, a random `eval_fraction` of the examples) plus prep_info.json.
+    Chats are rendered with `chat_template`; prompt/response records as `prompt_response` says."""
     from streaming import MDSWriter
 
     if not 0 <= eval_fraction < 1:
@@ -195,7 +223,7 @@ def convert_finetuning_to_mds(
         writers = {s: MDSWriter(out=str(tmp / s), columns=MDS_COLUMNS, compression=compression) for s in splits}
         for chat in tqdm(iter_examples(inputs, bad, hf_split), desc='tokenizing', unit='example', disable=None):
             split = EVAL_SPLIT if eval_fraction and chooser.random() < eval_fraction else TRAIN_SPLIT
-            input_ids, assistant_turn = render_chat(chat)
+            input_ids, assistant_turn = render_example(chat, chat_template, prompt_response)
             writers[split].write({'input_ids': input_ids, 'assistant_turn': assistant_turn})
             examples[split] += 1
             tokens[split] += len(input_ids)
@@ -209,6 +237,7 @@ def convert_finetuning_to_mds(
             writer.finish()
         stats = PrepStats(examples, tokens, longest, len(bad.found))
         info = {**asdict(stats), 'inputs': [str(p) for p in inputs], 'eval_fraction': eval_fraction, 'seed': seed,
+                'chat_template': chat_template, 'prompt_response': prompt_response,
                 'bad_line_list': [{'where': w, 'problem': p} for w, p in bad.found]}
         (tmp / PREP_INFO_FILE).write_text(json.dumps(info, indent=2) + '\n')
     return stats

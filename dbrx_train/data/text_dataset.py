@@ -167,6 +167,8 @@ def resolve_max_seq_len(config: TextDatasetConfig, model_max_seq_len: int | None
 
 def check_local_data(config: TextDatasetConfig, key: str = 'train_loader.dataset') -> None:
     """Fails with one line naming the stream when local-only data is not an MDS directory."""
+    if getattr(config, 'hf_name', None) is not None:
+        return  # llm-foundry's hf_name: converted to MDS when the loader opens it (data/finetuning_source.py)
     if config.streams:
         located = {f'{key}.streams.{name}': (s.local, s.remote, s.split) for name, s in config.streams.items()}
     else:

@@ -9,17 +9,23 @@ from __future__ import annotations
 
 import difflib
 import inspect
-from collections.abc import Sequence
+import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+from dbrx_train.chat_template import TokenizerConfig
 from dbrx_train.composer_model import generation_options, icl_metrics
 from dbrx_train.data import LoaderConfig
-from dbrx_train.errors import ConfigError
+from dbrx_train.errors import ConfigError, check_local_path
+from dbrx_train.evaluation.gauntlet import EvalGauntletConfig, parse_eval_gauntlet
+from dbrx_train.foundry_yaml import FoundryModelConfig
 from dbrx_train.model.config import ModelConfig, Quantization
 from dbrx_train.typed_config import load_yaml, parse
 from dbrx_train.uri import is_remote
+
+log = logging.getLogger(__name__)
 
 # Keys llm-foundry's builder reads itself; every other set key goes to the task type's dataset class.
 _BUILDER_KEYS = frozenset({'label', 'dataset_uri', 'icl_task_type', 'num_fewshot', 'metric_names', 'batch_size',
@@ -123,6 +129,41 @@ def check_icl_seq_lens(tasks: Sequence[ICLTaskConfig], icl_seq_len: int | None, 
                                            f'max_seq_len ({model_max_seq_len})')
 
 
+# llm-foundry's eval YAML keys with no effect in a one-process CPU/GPU evaluation here, dropped with a note.
+_FOUNDRY_EVAL_NOTED = ('fsdp_config', 'dist_timeout', 'icl_seq_len_per_model')
+
+
+def translate_eval_yaml(data: Mapping) -> Mapping:
+    """llm-foundry's eval YAML (`models: [{model_name, model: {name: hf_causal_lm, ...}, tokenizer}]`) in
+    this schema: its one model's `pretrained_model_name_or_path` is the checkpoint evaluated."""
+    if 'models' not in data:
+        return data
+    out = {k: v for k, v in data.items() if k not in ('models', *_FOUNDRY_EVAL_NOTED)}
+    for key in _FOUNDRY_EVAL_NOTED:
+        if key in data:
+            log.warning('llm-foundry eval YAML: %s has no effect here', key)
+    models = data['models']
+    if not isinstance(models, list) or len(models) != 1:
+        raise ConfigError('models', 'give one model (run eval.py once per model)')
+    entry = models[0]
+    if not isinstance(entry, Mapping) or 'model' not in entry:
+        raise ConfigError('models[0].model', 'required key is missing')
+    for key in entry:
+        if key not in ('model_name', 'model', 'tokenizer'):
+            raise ConfigError(f'models[0].{key}', 'not supported here (model_name, model, tokenizer)')
+    model = parse(FoundryModelConfig, entry['model'], 'models[0].model')
+    if model.config_overrides or model.peft_config is not None:
+        raise ConfigError('models[0].model', 'config_overrides and peft_config do not apply to evaluating a saved '
+                                             'model: export the fine-tuned model and evaluate that')
+    if 'checkpoint' in data:
+        raise ConfigError('checkpoint', 'give models (llm-foundry) or checkpoint, not both')
+    out['checkpoint'] = str(check_local_path('models[0].model.pretrained_model_name_or_path',
+                                             model.pretrained_model_name_or_path, 'model'))
+    parse(TokenizerConfig, entry.get('tokenizer', {}), 'models[0].tokenizer')  # a DBRX name, or one clear line
+    out.setdefault('run_name', entry.get('model_name') or 'dbrx-eval')
+    return out
+
+
 @dataclass(frozen=True)
 class EvalConfig:
     """`dbrx_train/eval.py`'s YAML. Key names are llm-foundry's eval YAML's wherever it has one."""
@@ -148,6 +189,10 @@ class EvalConfig:
     loggers: dict[str, dict[str, Any]] = field(default_factory=dict)  # by llm-foundry registry name
     progress_bar: bool = True
     python_log_level: str | None = 'warning'
+    # llm-foundry's aggregate over the ICL tasks (evaluation/gauntlet.py): inline, or a YAML's path.
+    eval_gauntlet: Annotated[EvalGauntletConfig | None, parse_eval_gauntlet] = None
+
+    translate_input = staticmethod(translate_eval_yaml)  # llm-foundry's eval schema too
 
     def check(self) -> None:
         if self.eval_loader is None and self.icl_tasks is None:
@@ -157,9 +202,12 @@ class EvalConfig:
             raise ConfigError('device_eval_batch_size', f'must be at least 1, got {self.device_eval_batch_size}')
         if self.max_seq_len is not None and self.max_seq_len < 1:
             raise ConfigError('max_seq_len', f'must be at least 1, got {self.max_seq_len}')
+        if self.eval_gauntlet is not None:
+            self.eval_gauntlet.check_tasks(self.icl_tasks or ())
 
     def check_model(self, model: ModelConfig) -> None:
         """The lengths asked for fit in the positions `model` was trained for."""
         if self.max_seq_len is not None and self.max_seq_len > model.max_seq_len:
             raise ConfigError('max_seq_len', f'{self.max_seq_len} exceeds the model max_seq_len ({model.max_seq_len})')
         check_icl_seq_lens(self.icl_tasks or (), self.icl_seq_len, model.max_seq_len)
+

@@ -1,4 +1,5 @@
-"""Evaluates a saved model with Composer: perplexity per held-out stream, then each ICL task."""
+"""Evaluates a saved model with Composer: perplexity per held-out stream, then each ICL task, then the
+ICL tasks' aggregate (`eval_gauntlet`)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from dbrx_train.checkpoints import load_pretrained, open_saved
 from dbrx_train.composer_model import LM_METRICS, ComposerDbrx
 from dbrx_train.data import LoaderConfig, build_text_dataloader, check_local_data
 from dbrx_train.evaluation.config import EvalConfig
+from dbrx_train.evaluation.gauntlet import gauntlet_scores
 from dbrx_train.evaluation.icl import build_icl_evaluators
 
 
@@ -48,9 +50,11 @@ def evaluate(cfg: EvalConfig) -> dict[str, float]:
     evaluators = []  # the data first: its errors come before the weights are read
     if cfg.eval_loader is not None:
         evaluators += stream_evaluators(cfg.eval_loader, cfg.device_eval_batch_size, seq_len, cfg.eval_subset_num_batches)
+    icl_evaluators = []
     if cfg.icl_tasks is not None:
-        evaluators += build_icl_evaluators(cfg.icl_tasks, cfg.icl_seq_len or seq_len, cfg.device_eval_batch_size,
-                                           cfg.icl_subset_num_batches)
+        icl_evaluators = build_icl_evaluators(cfg.icl_tasks, cfg.icl_seq_len or seq_len, cfg.device_eval_batch_size,
+                                              cfg.icl_subset_num_batches)
+        evaluators += icl_evaluators
     model = load_pretrained(cfg.checkpoint, dtype=cfg.dtype and getattr(torch, cfg.dtype), quantize=cfg.quantize,
                             group_size=cfg.quantize_group_size)
     recorder = InMemoryLogger()
@@ -61,5 +65,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, float]:
                           device=device, precision=cfg.precision, loggers=[*loggers, recorder],
                           progress_bar=cfg.progress_bar, log_to_console=False, python_log_level=cfg.python_log_level)
     trainer.eval()
+    metrics = {key: float(value) for key, value in recorder.most_recent_values.items() if key.startswith('metrics/')}
+    if cfg.eval_gauntlet is not None:
+        metrics.update(gauntlet_scores(cfg.eval_gauntlet, trainer, icl_evaluators))
     trainer.close()
-    return {key: float(value) for key, value in recorder.most_recent_values.items() if key.startswith('metrics/')}
+    return metrics

@@ -41,6 +41,9 @@ class FFNConfig:
     moe_top_k: int = 4
     moe_jitter_eps: float | None = None
     moe_loss_weight: float = 0.05
+    # Router z-loss (ST-MoE; Megablocks' key): the mean squared logsumexp of the router logits, this
+    # much of it added to the loss. 0 turns it off; Megatron recommends 1e-3.
+    moe_zloss_weight: float = 0.0
     moe_normalize_expert_weights: float | None = 1.0
     # Expert parallelism (llm-foundry's name): ranks that split each layer's experts between them.
     moe_world_size: int = 1
@@ -56,8 +59,9 @@ class FFNConfig:
             )
         if self.moe_jitter_eps is not None and not 0 <= self.moe_jitter_eps < 1:
             raise ConfigError('moe_jitter_eps', f'must be in [0, 1), got {self.moe_jitter_eps}')
-        if self.moe_loss_weight < 0:
-            raise ConfigError('moe_loss_weight', f'must be non-negative, got {self.moe_loss_weight}')
+        for name in ('moe_loss_weight', 'moe_zloss_weight'):
+            if getattr(self, name) < 0:
+                raise ConfigError(name, f'must be non-negative, got {getattr(self, name)}')
         if self.moe_normalize_expert_weights is not None and self.moe_normalize_expert_weights <= 0:
             raise ConfigError('moe_normalize_expert_weights', 'must be positive or null')
         if self.moe_num_experts % self.moe_world_size:

@@ -94,6 +94,7 @@ class RouterStats:
 
     mean_probs: torch.Tensor  # (E,) router probability per expert, averaged over tokens (carries grad)
     tokens_per_expert: torch.Tensor  # (E,) how many (token, slot) assignments each expert received
+    z_loss: torch.Tensor  # mean over tokens of logsumexp(router logits)^2 (carries grad)
 
 
 class MoE(nn.Module):
@@ -114,7 +115,8 @@ class MoE(nn.Module):
         if self.training and self.jitter_eps:
             # Jitter only what the router sees (as Megablocks does); the experts get the clean input.
             router_in = tokens * torch.empty_like(tokens).uniform_(1.0 - self.jitter_eps, 1.0 + self.jitter_eps)
-        probs = self.router(router_in).softmax(dim=-1, dtype=torch.float32)
+        logits = self.router(router_in).float()
+        probs = logits.softmax(dim=-1)
         top_weights, top_experts = probs.topk(self.top_k, dim=-1)
         if self.normalize_p is not None:
             top_weights = top_weights / top_weights.norm(p=self.normalize_p, dim=-1, keepdim=True)
@@ -125,6 +127,7 @@ class MoE(nn.Module):
             # Not bincount: its output size depends on the data, which breaks a compiled graph.
             tokens_per_expert=torch.zeros(probs.shape[-1], dtype=torch.long, device=x.device).index_add_(
                 0, flat_experts, torch.ones_like(flat_experts)),
+            z_loss=torch.logsumexp(logits, dim=-1).square().mean(),
         )
         return out.view_as(x), stats
 
@@ -145,9 +148,10 @@ class DbrxBlock(nn.Module):
 
 @dataclass
 class LossOutput:
-    loss: torch.Tensor  # what to backpropagate: lm_loss + moe_loss_weight * aux_loss
+    loss: torch.Tensor  # what to backpropagate: lm_loss + moe_loss_weight * aux_loss + moe_zloss_weight * z_loss
     lm_loss: torch.Tensor
     aux_loss: torch.Tensor  # load-balancing loss, unweighted (1.0 when perfectly balanced)
+    z_loss: torch.Tensor  # router z-loss, unweighted, averaged over layers
     tokens_per_expert: torch.Tensor  # (n_layers, E)
 
 
@@ -276,10 +280,13 @@ class DbrxLM(nn.Module):
             torch.stack([s.tokens_per_expert for s in stats]),
             self.config.ffn_config.moe_top_k,
         )
+        z_loss = torch.stack([s.z_loss for s in stats]).mean()
+        ffn = self.config.ffn_config
         return LossOutput(
-            loss=lm_loss + self.config.ffn_config.moe_loss_weight * aux_loss,
+            loss=lm_loss + ffn.moe_loss_weight * aux_loss + ffn.moe_zloss_weight * z_loss,
             lm_loss=lm_loss,
             aux_loss=aux_loss,
+            z_loss=z_loss,
             tokens_per_expert=torch.stack([s.tokens_per_expert for s in stats]),
         )
 

@@ -21,6 +21,7 @@ training checkpoint describes its adapters completely. `merge_lora` folds them i
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from collections.abc import Iterator
@@ -28,12 +29,16 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import _CHECKPOINT_PREFIX
 from torch.nn.utils import parametrize
 
 from dbrx_train.errors import ConfigError
 from dbrx_train.model.dbrx import DbrxLM
 from dbrx_train.model.moe import Experts, replace_experts
+
+log = logging.getLogger(__name__)
 
 LoraTarget = Literal['Wqkv', 'out_proj', 'w1', 'v1', 'w2']
 ATTENTION_TARGETS = ('Wqkv', 'out_proj')
@@ -52,6 +57,9 @@ class LoraConfig:
     targets: list[LoraTarget] = field(default_factory=lambda: ['Wqkv', 'out_proj', 'w1', 'v1', 'w2'])
     layers: list[int] | None = None  # transformer blocks to adapt; default every one
     seed: int = 0  # draws the initial A factors, the same on every rank
+    # PEFT's lora_dropout: in training, the attention adapters read their inputs through dropout (the
+    # fused experts' adapters have no input of their own here: they train without it, as the log says).
+    dropout: float = 0.0
 
     def check(self) -> None:
         if self.r < 1:
@@ -62,6 +70,8 @@ class LoraConfig:
             raise ConfigError('targets', f'name at least one of {", ".join(ATTENTION_TARGETS + EXPERT_TARGETS)}')
         if len(set(self.targets)) != len(self.targets):
             raise ConfigError('targets', f'lists a target twice: {self.targets}')
+        if not 0 <= self.dropout < 1:
+            raise ConfigError('dropout', f'must be in [0, 1), got {self.dropout}')
 
 
 def check_layers(layers: list[int] | None, n_layers: int, key: str) -> None:
@@ -72,19 +82,34 @@ def check_layers(layers: list[int] | None, n_layers: int, key: str) -> None:
 
 
 class LowRankUpdate(nn.Module):
-    """The parametrization `W -> W + scale * B @ A`, blockwise over the first dimension of `W`."""
+    """The parametrization `W -> W + scale * B @ A`, blockwise over the first dimension of `W`.
+
+    With `input_dropout` (a `Linear`'s adapter, lora_dropout > 0), training computes the update on the
+    inputs instead, `y = x W^T + scale * dropout(x) A^T B^T` (PEFT's LoRA dropout), through the forward
+    hook `apply_lora` adds: the weight is then the base weight. Evaluation uses the merged weight."""
 
     def __init__(self, blocks: int, out_features: int, in_features: int, r: int, alpha: float, device=None,
-                 dtype=None):
+                 dtype=None, input_dropout: float = 0.0):
         super().__init__()
         self.lora_A = nn.Parameter(torch.empty(blocks, r, in_features, device=device, dtype=dtype))
         self.lora_B = nn.Parameter(torch.empty(blocks, out_features, r, device=device, dtype=dtype))
         self.alpha_over_r = alpha / r
+        self.input_dropout = input_dropout
         # Also a persistent buffer: a checkpoint must say how to merge its factors.
         self.register_buffer('scale', torch.tensor(self.alpha_over_r, device=device, dtype=torch.float32))
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if self.input_dropout and self.training:
+            return weight  # the update goes through `dropout_update` instead
         return merged_weight(weight, self.lora_A, self.lora_B, self.scale)
+
+    def dropout_update(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        """A forward hook of the adapted `Linear`: adds the update computed on dropped-out inputs."""
+        if not (self.input_dropout and self.training):
+            return output
+        x = F.dropout(args[0], self.input_dropout, training=True)
+        low_rank = F.linear(F.linear(x, self.lora_A[0].to(x.dtype)), self.lora_B[0].to(x.dtype))
+        return output + low_rank * self.scale.to(x.dtype)
 
 
 def merged_weight(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
@@ -99,11 +124,14 @@ def apply_lora(model: DbrxLM, config: LoraConfig) -> None:
     n_layers = model.config.n_layers
     check_layers(config.layers, n_layers, 'lora.layers')
     model.requires_grad_(False)
+    if config.dropout and set(config.targets) & set(EXPERT_TARGETS):
+        log.warning('lora dropout %.3g applies to the attention adapters; the fused experts\' adapters (%s) '
+                    'train without it', config.dropout, ', '.join(t for t in config.targets if t in EXPERT_TARGETS))
     layers = range(n_layers) if config.layers is None else sorted(set(config.layers))
     for i in layers:
         for target in config.targets:
             if target in ATTENTION_TARGETS:
-                _adapt(getattr(model.blocks[i].attn, target), 'weight', 1, config)
+                _adapt(getattr(model.blocks[i].attn, target), 'weight', 1, config, config.dropout)
 
     def adapt_experts(experts: Experts) -> Experts:
         for target in config.targets:
@@ -118,12 +146,16 @@ def apply_lora(model: DbrxLM, config: LoraConfig) -> None:
                 tensor.copy_(value)
 
 
-def _adapt(module: nn.Module, name: str, blocks: int, config: LoraConfig) -> None:
-    """Registers a `LowRankUpdate` on `module.<name>`, a `(blocks * out, in)` weight."""
+def _adapt(module: nn.Module, name: str, blocks: int, config: LoraConfig, input_dropout: float = 0.0) -> None:
+    """Registers a `LowRankUpdate` on `module.<name>`, a `(blocks * out, in)` weight; with `input_dropout`
+    (a `Linear`), the forward hook that computes the update on dropped-out inputs in training."""
     base = getattr(module, name)
     out_features, in_features = base.shape[0] // blocks, base.shape[1]
-    update = LowRankUpdate(blocks, out_features, in_features, config.r, config.alpha, base.device, base.dtype)
+    update = LowRankUpdate(blocks, out_features, in_features, config.r, config.alpha, base.device, base.dtype,
+                           input_dropout)
     parametrize.register_parametrization(module, name, update)
+    if input_dropout:
+        update.hook = module.register_forward_hook(update.dropout_update)
 
 
 def adapters(model: nn.Module) -> Iterator[tuple[str, LowRankUpdate]]:
@@ -156,10 +188,11 @@ def split_adapted_name(name: str) -> tuple[str, str]:
 
 
 def base_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """Every base (non-adapter) parameter of `model` under its name in a plain `DbrxLM`."""
+    """Every base (non-adapter) parameter of `model` under its name in a plain `DbrxLM` (also when
+    activation checkpointing has wrapped its blocks)."""
     found = {}
     for name, param in model.named_parameters():
-        plain, part = split_adapted_name(name)
+        plain, part = split_adapted_name(name.replace(_CHECKPOINT_PREFIX, ''))
         if part == 'weight':
             found[plain] = param
     return found
@@ -167,6 +200,10 @@ def base_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
 
 def merge_lora(model: nn.Module) -> None:
     """Folds every adapter into its weight: `model` becomes a plain `DbrxLM` with the same outputs."""
+    for _, adapter in adapters(model):
+        adapter.eval()  # the merged weight, whatever mode the model is in
+        if hasattr(adapter, 'hook'):
+            adapter.hook.remove()
     for module in [m for m in model.modules() if parametrize.is_parametrized(m)]:
         for name in list(module.parametrizations):
             parametrize.remove_parametrizations(module, name, leave_parametrized=True)

@@ -28,6 +28,7 @@ from fastapi.responses import StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.background import BackgroundTask
 
+from dbrx_train.chat_template import TEMPLATES
 from dbrx_train.serve.config import ServeConfig
 from dbrx_train.serve.engine import Engine, Output, SamplingParams, TokenLogprob
 from dbrx_train.serve.errors import ApiError, BodyLimit, add_error_handlers
@@ -39,8 +40,8 @@ from dbrx_train.serve.protocol import (
     SamplingFields,
     TokenizeRequest,
 )
-from dbrx_train.serve.text import TextCodec, chatml_prompt
-from dbrx_train.tokenizer import CHATML_TEMPLATE, EOS_ID, EOS_TOKEN, IM_END_ID, PAD_TOKEN, STOP_TOKEN_IDS
+from dbrx_train.serve.text import TextCodec, chat_prompt
+from dbrx_train.tokenizer import EOS_ID, EOS_TOKEN, IM_END_ID, PAD_TOKEN, STOP_TOKEN_IDS
 
 # How often a request waiting on the engine checks that its client is still there.
 DISCONNECT_POLL_S = 0.5
@@ -113,7 +114,7 @@ def create_app(model, tokenizer, config: ServeConfig = ServeConfig()) -> FastAPI
     @app.get('/tokenizer_info', dependencies=[Depends(authorized)])
     async def tokenizer_info():
         return {'tokenizer_class': 'tiktoken', 'eos_token': EOS_TOKEN, 'bos_token': None, 'pad_token': PAD_TOKEN,
-                'chat_template': CHATML_TEMPLATE, 'model_max_length': api.context}
+                'chat_template': TEMPLATES[config.chat_template], 'model_max_length': api.context}
 
     return app
 
@@ -197,7 +198,7 @@ class OpenAIService:
         if body.top_logprobs is not None and not body.logprobs:
             raise ApiError.invalid('top_logprobs needs logprobs: true', 'top_logprobs')
         self._check_logprobs(body.top_logprobs, 'top_logprobs')
-        ids = chatml_prompt(self.codec, [m.chatml() for m in body.messages])
+        ids = chat_prompt(self.codec, [m.chatml() for m in body.messages], self.config.chat_template)
         # Without a limit an answer may run to the end of the context, as with OpenAI.
         limit = body.max_tokens if body.max_tokens is not None else body.max_completion_tokens
         params = self._params(body, ids, limit, (IM_END_ID, EOS_ID), logprobs=(body.top_logprobs or 0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from dbrx_train.chat_template import ChatTemplateName
 from dbrx_train.errors import ConfigError
 from dbrx_train.model.config import Quantization
 
@@ -29,6 +30,9 @@ class ServeConfig:
     # torch.compile the decoding step (static-shape cache; dbrx_train/model/decode.py): the first
     # requests of each shape bucket wait for the compilation, later ones decode faster.
     compile: bool = False
+    # How /v1/chat/completions renders messages: 'chatml' (plain ChatML, base models) or 'dbrx_instruct'
+    # (DBRX Instruct's template, with its default system prompt when the chat has none).
+    chat_template: ChatTemplateName = 'chatml'
     # Sequences decoded together in one step; more wait in the engine's queue.
     max_batch_size: int = 16
     # Prompt tokens per prefill step: a longer prompt is prefilled in chunks, with a decoding step

@@ -1,4 +1,4 @@
-"""Text around the model: tokens to text and back, ChatML prompts, and streaming text that stops at
+"""Text around the model: tokens to text and back, chat prompts, and streaming text that stops at
 stop strings."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import codecs
 from typing import Iterable
 
-from dbrx_train.tokenizer import IM_END_ID, IM_START_ID
+from dbrx_train.chat_template import ChatTemplateName, chat_ids
 
 
 class TextCodec:
@@ -37,13 +37,15 @@ class TextCodec:
         return b''.join(self.token_bytes(t) for t in tokens).decode('utf-8', errors='replace')
 
 
-def chatml_prompt(codec: TextCodec, messages: list[tuple[str, str]]) -> list[int]:
-    """Token ids of `tokenizer.CHATML_TEMPLATE` rendered with a generation prompt. The special tokens
+def chat_prompt(codec: TextCodec, messages: list[tuple[str, str]], template: ChatTemplateName = 'chatml') -> list[int]:
+    """Token ids of `messages` rendered with `template` and its generation prompt. The special tokens
     are placed by id, so a message cannot forge `<|im_end|>` or a turn of another role."""
-    ids: list[int] = []
-    for role, content in messages:
-        ids += [IM_START_ID, *codec.encode_ordinary(f'{role}\n{content}'), IM_END_ID, *codec.encode_ordinary('\n')]
-    return ids + [IM_START_ID, *codec.encode_ordinary('assistant\n')]
+    return chat_ids(messages, template, codec.encode_ordinary, add_generation_prompt=True)[0]
+
+
+def chatml_prompt(codec: TextCodec, messages: list[tuple[str, str]]) -> list[int]:
+    """`chat_prompt` with plain ChatML (`tokenizer.CHATML_TEMPLATE`)."""
+    return chat_prompt(codec, messages, 'chatml')
 
 
 class TextStream:

@@ -6,11 +6,13 @@ import functools
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from dbrx_train.chat_template import TokenizerConfig
 from dbrx_train.data import LoaderConfig
 from dbrx_train.data.curriculum import CurriculumConfig, Schedule, resolve_schedule
 from dbrx_train.data.finetuning import FinetuningLoaderConfig
 from dbrx_train.errors import ConfigError
 from dbrx_train.evaluation.config import ICLTasks, check_icl_seq_lens
+from dbrx_train.foundry_yaml import translate
 from dbrx_train.model.compile import CompileConfig
 from dbrx_train.model.config import ModelConfig
 from dbrx_train.model.lora import LoraConfig, check_layers
@@ -29,12 +31,26 @@ class FSDPConfig:
     shard_group_size: int | None = None
     mixed_precision: Literal['DEFAULT', 'PURE', 'FULL'] = 'DEFAULT'
     activation_checkpointing: bool = False
+    activation_cpu_offload: bool = False  # activations saved for backward wait on the CPU
     reshard_after_forward: bool = True
     state_dict_type: Literal['sharded', 'full'] = 'sharded'
+    # llm-foundry's FSDP1 keys: FSDP2 always bounds the all-gathers in flight, and checkpoints non-reentrantly.
+    limit_all_gathers: bool = True
+    activation_checkpointing_reentrant: bool = False
 
     def check(self) -> None:
         if self.sharding_strategy == 'HYBRID_SHARD' and not self.shard_group_size:
             raise ConfigError('shard_group_size', 'HYBRID_SHARD needs shard_group_size (ranks per shard group)')
+
+    def notes(self) -> list[str]:
+        found = []
+        if not self.limit_all_gathers:
+            found.append('fsdp_config.limit_all_gathers: false has no effect: FSDP2 always bounds the all-gathers '
+                         'in flight')
+        if self.activation_checkpointing_reentrant:
+            found.append('fsdp_config.activation_checkpointing_reentrant: FSDP2 checkpoints activations '
+                         'non-reentrantly (the same result, less memory)')
+        return found
 
 
 @dataclass(frozen=True)
@@ -57,7 +73,7 @@ class TrainConfig:
     icl_tasks: ICLTasks = None
     icl_seq_len: int | None = None  # defaults to max_seq_len
     icl_subset_num_batches: int | None = None  # per task; defaults to eval_subset_num_batches
-    tokenizer: dict[str, Any] = field(default_factory=lambda: {'name': 'dbrx'})
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     optimizer: dict[str, Any] = field(
         default_factory=lambda: {'name': 'decoupled_adamw', 'lr': 6e-4, 'betas': [0.9, 0.95], 'eps': 1e-8,
                                  'weight_decay': 0.0})
@@ -95,6 +111,8 @@ class TrainConfig:
     dist_timeout: float = 600.0
     python_log_level: str | None = 'info'
 
+    translate_input = staticmethod(translate)  # llm-foundry's YAML schema, read as it is
+
     def check(self) -> None:
         if self.global_train_batch_size < 1:
             raise ConfigError('global_train_batch_size', f'must be at least 1, got {self.global_train_batch_size}')
@@ -102,6 +120,9 @@ class TrainConfig:
             raise ConfigError('device_train_microbatch_size', 'must be at least 1')
         if self.max_seq_len is not None and self.max_seq_len > self.model.max_seq_len:
             raise ConfigError('max_seq_len', f'{self.max_seq_len} exceeds model.max_seq_len ({self.model.max_seq_len})')
+        if self.tokenizer.model_max_length is not None and self.seq_len > self.tokenizer.model_max_length:
+            raise ConfigError('tokenizer.kwargs.model_max_length', f'{self.tokenizer.model_max_length} is shorter '
+                                                                   f'than max_seq_len ({self.seq_len})')
         check_icl_seq_lens(self.icl_tasks or (), self.icl_seq_len, self.model.max_seq_len)
         if self.model.quantization is not None:
             raise ConfigError('model.quantization', 'quantized weights are for inference; train the float model')
@@ -142,6 +163,15 @@ class TrainConfig:
             return None
         return resolve_schedule(self.curriculum, self.train_loader.dataset, self.max_duration,
                                 self.global_train_batch_size, self.seq_len)
+
+    def notes(self) -> list[str]:
+        """Keys accepted from llm-foundry's schema that change nothing here, one line each (logged once)."""
+        found = self.tokenizer.notes() + (self.fsdp_config.notes() if self.fsdp_config else [])
+        for section in ('train_loader', 'eval_loader'):
+            loader = getattr(self, section)
+            if loader is not None and hasattr(loader.dataset, 'notes'):
+                found += [f'{section}.dataset.{note}' for note in loader.dataset.notes()]
+        return found
 
     @property
     def seq_len(self) -> int:

@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 # Model settings that only shape training, so a checkpoint and the YAML may disagree on them.
 TRAINING_ONLY_SETTINGS = {'max_seq_len', 'init_std', 'moe_backend', 'ffn_config.moe_jitter_eps',
-                          'ffn_config.moe_loss_weight'}
+                          'ffn_config.moe_loss_weight', 'ffn_config.moe_zloss_weight'}
 
 
 @dataclass(frozen=True)

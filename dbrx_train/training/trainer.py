@@ -8,6 +8,7 @@ project adds `moe_monitor`, `curriculum_monitor`, `save_on_signal` (callbacks) a
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import tempfile
@@ -27,6 +28,7 @@ from dbrx_train.checkpoints.saver import AtomicCheckpointSaver
 from dbrx_train.composer_model import LM_METRICS, ComposerDbrx
 from dbrx_train.data import build_text_dataloader
 from dbrx_train.data.finetuning import build_finetuning_dataloader
+from dbrx_train.data.finetuning_source import prepare_hf_name
 from dbrx_train.data.mixture import build_mixture_dataloader
 from dbrx_train.errors import ConfigError
 from dbrx_train.model.compile import compile_blocks
@@ -39,12 +41,15 @@ from dbrx_train.training.finetune import check_init_from, prepare_model, start_f
 from dbrx_train.training.gradient_average import fix_gradient_average
 from dbrx_train.training.gradient_clipping import GradientClipping
 from dbrx_train.training.hardware import cpu_bf16_support, matmul_peak_flops
+from dbrx_train.training.hf_checkpointer import HFCheckpointer
 from dbrx_train.training.preemption import SaveOnSignal
 from dbrx_train.uri import is_remote
 
 log = logging.getLogger(__name__)
 
 OUR_CALLBACKS = {'moe_monitor': MoEMonitor, 'curriculum_monitor': CurriculumMonitor, 'save_on_signal': SaveOnSignal}
+# In place of llm-foundry's of the same name, which needs a transformers model in the trainer.
+REPLACED_CALLBACKS = {'hf_checkpointer': HFCheckpointer}
 OUR_ALGORITHMS = {'gradient_clipping': GradientClipping}  # in place of Composer's
 DATALOADERS = {'text': build_text_dataloader, 'finetuning': build_finetuning_dataloader}  # by loader name
 
@@ -71,7 +76,7 @@ def _fsdp2(cfg: TrainConfig, device: str) -> FSDP2Config | None:
     fsdp = cfg.fsdp_config
     if fsdp is None:
         return None
-    if dist.get_world_size() == 1 and not fsdp.activation_checkpointing:
+    if dist.get_world_size() == 1 and not (fsdp.activation_checkpointing or fsdp.activation_cpu_offload):
         # As llm-foundry does: one rank has nothing to shard, and FSDP2's per-block gathers and
         # gradient reduce-scatters still cost about a fifth of a CPU step (bench/bench_trainer.py).
         log.info('one process: training without FSDP (nothing to shard)')
@@ -89,6 +94,7 @@ def _fsdp2(cfg: TrainConfig, device: str) -> FSDP2Config | None:
                                 mesh_dim_names=('dp_replicate', 'dp_shard'))
     return FSDP2Config(device_mesh=mesh, reshard_after_forward=fsdp.reshard_after_forward,
                        activation_checkpointing=fsdp.activation_checkpointing,
+                       activation_cpu_offload=fsdp.activation_cpu_offload,
                        state_dict_type=fsdp.state_dict_type, mixed_precision=fsdp.mixed_precision)
 
 
@@ -135,10 +141,13 @@ def _setup_logging(level: str | None) -> None:
 def build_trainer(cfg: TrainConfig) -> Trainer:
     from llmfoundry.utils.builders import build_callback, build_logger, build_optimizer, build_scheduler
 
-    register_ours(OUR_CALLBACKS)
+    register_ours(OUR_CALLBACKS, replacing=REPLACED_CALLBACKS)
     device = resolve_device(cfg.device)
     dist.initialize_dist(device, timeout=cfg.dist_timeout)
     _setup_logging(cfg.python_log_level)
+    if dist.get_global_rank() == 0:
+        for note in cfg.notes():
+            log.warning(note)
     reproducibility.seed_all(cfg.seed)
     precision = resolve_precision(cfg.precision, device)
     batch_per_device = device_batch_size(cfg, dist.get_world_size())
@@ -155,12 +164,14 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
     if cfg.curriculum is not None:
         train_loader = build_mixture_dataloader(cfg.train_loader, cfg.schedule, cfg.seq_len)
     else:
-        train_loader = DATALOADERS[cfg.train_loader.name](cfg.train_loader, batch_per_device, cfg.seq_len)
+        train_loader = DATALOADERS[cfg.train_loader.name](_with_data(cfg.train_loader, cfg, 'train_loader'),
+                                                          batch_per_device, cfg.seq_len)
     evaluators = []
     eval_batch = cfg.device_eval_batch_size or batch_per_device
     if cfg.eval_loader is not None:
         build_loader = DATALOADERS[cfg.eval_loader.name]
-        eval_loader = DataSpec(build_loader(cfg.eval_loader, eval_batch, cfg.seq_len, section='eval_loader'),
+        eval_loader = DataSpec(build_loader(_with_data(cfg.eval_loader, cfg, 'eval_loader'), eval_batch, cfg.seq_len,
+                                            section='eval_loader'),
                                get_num_tokens_in_batch=_num_tokens)
         evaluators.append(Evaluator(label='eval', dataloader=eval_loader, metric_names=list(LM_METRICS)))
     if cfg.icl_tasks is not None:
@@ -173,7 +184,7 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
     scheduler = build_from_registry('scheduler', cfg.scheduler['name'],
                                      {k: v for k, v in cfg.scheduler.items() if k != 'name'}, build_scheduler)
     algorithms = [build_from_registry('algorithms', n, kw or {}, _build_algorithm) for n, kw in cfg.algorithms.items()]
-    callbacks = [build_from_registry('callbacks', n, _callback_kwargs(n, kw or {}, device), build_callback)
+    callbacks = [build_from_registry('callbacks', n, _callback_kwargs(n, kw or {}, device, cfg), build_callback)
                  for n, kw in cfg.callbacks.items()]
     loggers = [build_from_registry('loggers', n, kw or {}, build_logger) for n, kw in cfg.loggers.items()]
     if cfg.curriculum is not None and 'curriculum_monitor' not in cfg.callbacks:
@@ -243,15 +254,26 @@ def save_model_config(cfg: TrainConfig) -> None:
         os.replace(Path(tmp) / CONFIG_FILE, folder / CONFIG_FILE)
 
 
+def _with_data(loader, cfg: TrainConfig, section: str):
+    """The loader reading MDS: llm-foundry's `hf_name` data is converted (once, cached beside it) first."""
+    if getattr(loader.dataset, 'hf_name', None) is None:
+        return loader
+    prepared = prepare_hf_name(loader.dataset, cfg.tokenizer.chat_template, f'{section}.dataset')
+    return dataclasses.replace(loader, dataset=prepared)
+
+
 def _num_tokens(batch) -> int:
     return int(batch['input_ids'].numel())
 
 
-def _callback_kwargs(name: str, kwargs: dict, device: str) -> dict:
+def _callback_kwargs(name: str, kwargs: dict, device: str, cfg: TrainConfig) -> dict:
     if name == 'speed_monitor' and device == 'cpu' and 'gpu_flops_available' not in kwargs:
         # Composer only knows GPU peaks; on CPU report MFU against this process's measured matmul peak.
         peak = matmul_peak_flops(seconds=0.5)
         log.info('measured fp32 matmul peak of this process: %.1f GFLOP/s', peak / 1e9)
         kwargs = {**kwargs, 'gpu_flops_available': peak}
+    if name == 'hf_checkpointer':  # the exported tokenizer is the run's
+        kwargs = {'chat_template': cfg.tokenizer.chat_template, 'model_max_length': cfg.tokenizer.model_max_length,
+                  **kwargs}
     return kwargs
 

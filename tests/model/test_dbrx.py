@@ -84,6 +84,28 @@ def test_loss_is_shifted_cross_entropy_plus_weighted_aux(model):
     assert (out.tokens_per_expert.sum(dim=1) == ids.numel() * 2).all()  # every token, top_k=2 experts, each layer
 
 
+def test_router_z_loss_is_the_mean_squared_logsumexp_of_the_router_logits_and_is_weighted_in(model):
+    from dataclasses import replace
+
+    from dbrx_train.composer_model import ComposerDbrx
+
+    ids = torch.randint(0, VOCAB, (2, 16))
+    captured = []
+    hooks = [block.ffn.router.register_forward_hook(lambda m, a, out: captured.append(out)) for block in model.blocks]
+    out = model.loss(ids)
+    for hook in hooks:
+        hook.remove()
+    expected = torch.stack([torch.logsumexp(logits.float(), dim=-1).square().mean() for logits in captured]).mean()
+    torch.testing.assert_close(out.z_loss, expected)
+    weighted = DbrxLM(replace(model.config, ffn_config=replace(model.config.ffn_config, moe_zloss_weight=1e-3)))
+    weighted.load_state_dict(model.state_dict())
+    composer = ComposerDbrx(weighted.eval())
+    with_z = composer.loss(weighted.loss(ids), {})
+    torch.testing.assert_close(with_z['total'], out.loss + 1e-3 * out.z_loss)
+    torch.testing.assert_close(with_z['moe_zloss'], out.z_loss)  # Composer logs it as loss/train/moe_zloss
+    assert 'moe_zloss' not in ComposerDbrx(model).loss(out, {})  # off by default
+
+
 def test_meta_model_materialises_with_init_weights(model):
     empty = DbrxLM(model.config, device='meta').to_empty(device='cpu')
     empty.init_weights()

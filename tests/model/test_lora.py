@@ -109,3 +109,27 @@ def test_bad_lora_configs_name_the_key():
         adapted(layers=[5])
     with pytest.raises(ConfigError, match='r: must be at least 1'):
         LoraConfig(r=0).check()
+
+
+def test_lora_dropout_drops_the_attention_adapters_inputs_in_training_only():
+    model = tiny_dbrx(d_model=D_MODEL, vocab=VOCAB, ffn=FFN, experts=EXPERTS, top_k=2)
+    apply_lora(model, LoraConfig(r=RANK, alpha=8, targets=['Wqkv'], dropout=0.5))
+    with torch.no_grad():
+        for _, adapter in adapters(model):
+            adapter.lora_B.normal_()  # a visible update
+    layer = model.blocks[0].attn.Wqkv
+    x = torch.randn(6, D_MODEL, generator=torch.Generator().manual_seed(0))
+    update = layer.parametrizations.weight[0]
+    merged = x @ (layer.parametrizations.weight.original + update.scale * update.lora_B[0] @ update.lora_A[0]).T
+    torch.testing.assert_close(layer(x), merged)  # eval: the merged weight, no dropout
+    model.train()
+    torch.manual_seed(3)
+    first = layer(x)
+    torch.manual_seed(3)
+    mask = torch.nn.functional.dropout(torch.ones_like(x), 0.5, training=True)  # the same draw
+    expected = x @ layer.parametrizations.weight.original.T + update.scale * (x * mask) @ update.lora_A[0].T @ \
+        update.lora_B[0].T
+    torch.testing.assert_close(first, expected)
+    assert not torch.allclose(first, layer(x))  # a new draw each call
+    merge_lora(model)  # merges the factors whatever the mode, and the hook goes with them
+    torch.testing.assert_close(model.blocks[0].attn.Wqkv(x), merged)

@@ -12,7 +12,7 @@ import torch
 
 from dbrx_train.serve import create_app
 from dbrx_train.serve.background import serve_in_background
-from dbrx_train.serve.text import chatml_prompt
+from dbrx_train.serve.text import chat_prompt, chatml_prompt
 from dbrx_train.tokenizer import EOS_ID, IM_END_ID, STOP_TOKEN_IDS
 from tests.serve.conftest import KEY, client
 
@@ -86,6 +86,29 @@ def test_streamed_completion_equals_the_whole_one(server):
     assert texts == {c.index: c.text for c in whole.choices}
     assert finish == {c.index: c.finish_reason for c in whole.choices}
     assert usage == whole.usage
+
+
+def test_chat_completion_renders_dbrx_instructs_template_with_its_default_system_prompt(tiny_model, encoding, codec):
+    from dataclasses import replace
+
+    from dbrx_train.chat_template import TEMPLATES
+    from dbrx_train.model import DbrxLM
+    from dbrx_train.serve import ServeConfig
+
+    model = DbrxLM(replace(tiny_model.config, max_seq_len=512)).eval()  # room for the system prompt
+    model.load_state_dict(tiny_model.state_dict())
+    messages = [{'role': 'user', 'content': 'Say hi'}]
+    ids = chat_prompt(codec, [('user', 'Say hi')], 'dbrx_instruct')
+    assert codec.decode(ids).startswith('<|im_start|>system\nYou are DBRX, created by Databricks.')
+    stops = (IM_END_ID, EOS_ID)
+    greedy = model.generate(torch.tensor([ids]), max_new_tokens=5, stop_token_ids=stops)[0, len(ids):].tolist()
+    text, finish = expected_text(codec, greedy, stops)
+    config = ServeConfig(model_name='tiny', chat_template='dbrx_instruct')
+    with serve_in_background(create_app(model, encoding, config)) as url:
+        reply = client(url).chat.completions.create(model='tiny', messages=messages, max_tokens=5, temperature=0)
+        info = requests.get(f'{url}/tokenizer_info', timeout=30).json()
+    assert reply.usage.prompt_tokens == len(ids) and reply.choices[0].message.content == text
+    assert info['chat_template'] == TEMPLATES['dbrx_instruct']
 
 
 def test_chat_completion_answers_the_chatml_prompt(server, codec, greedy):

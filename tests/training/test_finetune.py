@@ -14,6 +14,7 @@ import torch
 
 from dbrx_train.errors import CheckpointError, ConfigError
 from dbrx_train.typed_config import load_yaml, parse
+from tests.conftest import save_tiny_hf_dbrx
 from tests.training.conftest import REPO, TRAIN, losses
 
 transformers = pytest.importorskip('transformers')
@@ -37,14 +38,7 @@ TINY = {'model.d_model': 64, 'model.n_heads': 4, 'model.n_layers': 2, 'model.max
 @pytest.fixture(scope='module')
 def hf_base(tmp_path_factory) -> Path:
     """A random transformers `DbrxForCausalLM` with DBRX's vocabulary, saved with save_pretrained."""
-    torch.manual_seed(0)
-    config = transformers.DbrxConfig(
-        d_model=64, n_heads=4, n_layers=2, max_seq_len=128, vocab_size=100352,
-        attn_config={'kv_n_heads': 2, 'clip_qkv': 8.0, 'rope_theta': 500000.0},
-        ffn_config={'ffn_hidden_size': 32, 'moe_num_experts': 8, 'moe_top_k': 2})
-    out = tmp_path_factory.mktemp('hf_base')
-    transformers.DbrxForCausalLM(config).save_pretrained(out)
-    return out
+    return save_tiny_hf_dbrx(tmp_path_factory.mktemp('hf_base'), max_seq_len=128)
 
 
 @pytest.fixture(scope='module')
