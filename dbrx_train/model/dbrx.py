@@ -13,7 +13,7 @@ the converter in `dbrx_train.checkpoints.hf` is a renaming.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -151,8 +151,8 @@ class LossOutput:
     loss: torch.Tensor  # what to backpropagate: lm_loss + moe_loss_weight * aux_loss + moe_zloss_weight * z_loss
     lm_loss: torch.Tensor
     aux_loss: torch.Tensor  # load-balancing loss, unweighted (1.0 when perfectly balanced)
-    z_loss: torch.Tensor  # router z-loss, unweighted, averaged over layers
     tokens_per_expert: torch.Tensor  # (n_layers, E)
+    z_loss: torch.Tensor = field(default_factory=lambda: torch.zeros(()))  # router z-loss, unweighted, layer mean
 
 
 class DbrxLM(nn.Module):
