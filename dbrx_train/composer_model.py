@@ -33,10 +33,11 @@ class ComposerDbrx(ComposerModel):
     """Trains on `model.loss` (fused LM-head cross-entropy + load balancing), evaluates on logits, and
     answers llm-foundry's ICL batches (`mode` 'icl_task': logits; 'generate': decoded continuations)."""
 
-    def __init__(self, model: ModelConfig | DbrxLM, device: str | None = None):
-        """`model`: the config of a fresh model (built on `device`), or a built one (e.g. loaded)."""
+    def __init__(self, model: ModelConfig | DbrxLM, device: str | None = None, seed: int | None = None):
+        """`model`: the config of a fresh model (built on `device`, initialised from `seed`), or a
+        built one (e.g. loaded)."""
         super().__init__()
-        self.model = model if isinstance(model, DbrxLM) else DbrxLM(model, device=device)
+        self.model = model if isinstance(model, DbrxLM) else DbrxLM(model, device=device, seed=seed)
         self.eval_metrics = {'LanguageCrossEntropy': LanguageCrossEntropy(ignore_index=IGNORE_INDEX),
                              'LanguagePerplexity': LanguagePerplexity(ignore_index=IGNORE_INDEX), **icl_metrics()}
 

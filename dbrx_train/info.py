@@ -3,11 +3,17 @@
     python -m dbrx_train.info yamls/models/dbrx-132b.yaml
     python -m dbrx_train.info yamls/pretrain/dbrx-tiny.yaml model.n_layers=4 --seq-len 1024
     python -m dbrx_train.info yamls/models/dbrx-132b.yaml --world-size 8 --moe-world-size 8
+    python -m dbrx_train.info yamls/models/dbrx-132b.yaml --world-size 64 --moe-world-size 8 --dry-run
 
 With `--world-size`, it also sizes one rank of that training layout (see `training/sizing.py`):
 its parameter, gradient and AdamW bytes, expert and non-expert apart, and its all-to-all and FSDP
 all-gather bytes per step. The expert-parallel degree defaults to the YAML's
 `ffn_config.moe_world_size`.
+
+With `--dry-run` it also builds the real model on `meta` and runs the real `training.parallelize`
+under a fake process group of that world size, as rank 0 (nothing is allocated, no process
+started), and prints rank 0's parameter, gradient and AdamW bytes measured from its sharded
+tensors beside `training/sizing.py`'s closed form.
 
 The YAML is either a model preset (the keys of `ModelConfig` at the top level, as in
 `yamls/models/`) or a training YAML whose `model:` section is one; `key=value` overrides use
@@ -21,10 +27,18 @@ import dataclasses
 from collections.abc import Mapping
 from pathlib import Path
 
+import torch
+import torch.distributed as torch_dist
+from torch.testing._internal.distributed.fake_pg import FakeStore
+
 from dbrx_train.errors import ConfigError, cli_entry
 from dbrx_train.model.config import ModelConfig
 from dbrx_train.model.dbrx import DbrxLM
 from dbrx_train.model.flops import attention_flops_per_token, count_parameters, train_flops_per_token
+from dbrx_train.model.init import local_part
+from dbrx_train.model.moe import Experts
+from dbrx_train.training.config import FSDPConfig, layout_only
+from dbrx_train.training.parallelize import build_mesh, parallelize
 from dbrx_train.training.sizing import STATE_BYTES, Layout, Traffic, rank_size
 from dbrx_train.typed_config import load_yaml, parse
 
@@ -108,6 +122,43 @@ def describe_layout(config: ModelConfig, layout: Layout, seq_len: int, micro_bat
     ])
 
 
+def dry_run(config: ModelConfig, layout: Layout, precision: str = 'amp_bf16', mixed_precision: str = 'DEFAULT') -> str:
+    """Rank 0 of `layout` as `parallelize` really builds it (on meta, under a fake process group of
+    `layout.world_size` ranks), measured, beside `training.sizing`'s closed form."""
+    cfg = layout_only(config, global_train_batch_size=layout.world_size, precision=precision, init_device='meta',
+                      fsdp_config=FSDPConfig('HYBRID_SHARD' if layout.shard_group_size else 'FULL_SHARD',
+                                             layout.shard_group_size, mixed_precision,
+                                             layout.activation_checkpointing, layout.reshard_after_forward))
+    cfg.check()
+    torch_dist.init_process_group('fake', rank=0, world_size=layout.world_size, store=FakeStore())
+    try:
+        model = DbrxLM(config, device='meta')
+        parallelize(model, cfg, build_mesh(cfg, layout.world_size, 'cpu'), device='meta')
+        measured = {'experts': 0, 'non-expert': 0}
+        for module_name, module in model.named_modules():
+            for param in module.parameters(recurse=False):
+                measured['experts' if isinstance(module, Experts) else 'non-expert'] += local_part(param).numel()
+        # AdamW's state as torch creates it at the first step: two zeros_like of each parameter.
+        adamw = sum(local_part(torch.zeros_like(p)).nbytes for p in model.parameters() for _ in range(2))
+    finally:
+        torch_dist.destroy_process_group()
+    size = rank_size(config, layout, 1, 1, Traffic.of(precision, mixed_precision))
+    closed = {'experts': size.expert_numel, 'non-expert': size.non_expert_numel}
+    lines = [f'dry run: the real parallelize on meta under a fake process group of {layout.world_size} ranks; '
+             'rank 0 (GiB = 2^30 bytes):',
+             f'  {"":<11}{"measured":>16}{"sizing.py":>16}{"difference":>12}']
+    for name in ('experts', 'non-expert'):
+        lines.append(f'  {name:<11}{measured[name]:>16,}{closed[name]:>16,}{measured[name] - closed[name]:>12,}  '
+                     'parameters')
+    total, closed_total = sum(measured.values()), size.numel
+    for name, measured_bytes, closed_bytes in (('params', 4 * total, 4 * closed_total),
+                                               ('grads', 4 * total, 4 * closed_total),
+                                               ('AdamW', adamw, 8 * closed_total)):
+        lines.append(f'  {name:<11}{measured_bytes / GIB:>16.2f}{closed_bytes / GIB:>16.2f}'
+                     f'{(measured_bytes - closed_bytes) / GIB:>12.2f}  GiB')
+    return '\n'.join(lines)
+
+
 def _short(n: int) -> str:
     for size, suffix in ((10**12, 'T'), (10**9, 'B'), (10**6, 'M'), (10**3, 'K')):
         if n >= size:
@@ -133,16 +184,21 @@ def main(argv: list[str] | None = None) -> None:
     layout.add_argument('--precision', choices=PRECISIONS, default='amp_bf16')
     layout.add_argument('--mixed-precision', choices=('DEFAULT', 'PURE', 'FULL'), default='DEFAULT')
     layout.add_argument('--activation-checkpointing', action='store_true')
+    layout.add_argument('--dry-run', action='store_true', help='also build the model on meta, parallelize it '
+                        'under a fake process group of --world-size ranks and measure rank 0')
     args = parser.parse_args(argv)
     config = load_model_config(args.yaml, args.overrides)
     print(describe(config, args.seq_len))
     if args.world_size is not None:
         if args.moe_world_size is not None:
             config = with_moe_world_size(config, args.moe_world_size)
-        print(describe_layout(config, Layout(args.world_size, args.shard_group_size,
-                                             activation_checkpointing=args.activation_checkpointing),
-                              args.seq_len or config.max_seq_len, args.micro_batch, args.micro_batches,
-                              args.precision, args.mixed_precision))
+        layout = Layout(args.world_size, args.shard_group_size, activation_checkpointing=args.activation_checkpointing)
+        print(describe_layout(config, layout, args.seq_len or config.max_seq_len, args.micro_batch,
+                              args.micro_batches, args.precision, args.mixed_precision))
+        if args.dry_run:
+            print(dry_run(config, layout, args.precision, args.mixed_precision))
+    elif args.dry_run:
+        raise ConfigError('--dry-run', 'needs --world-size')
 
 
 if __name__ == '__main__':

@@ -86,3 +86,14 @@ def test_impossible_layouts_are_one_line_errors_naming_the_key(args, error, caps
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith(f'error: {error}') and err.count('\n') == 1
+
+
+def test_a_dry_run_of_the_132b_preset_on_16_ranks_measures_what_sizing_predicts(capsys):
+    main([str(DBRX_132B), '--world-size', '16', '--moe-world-size', '8', '--dry-run'])
+    out = capsys.readouterr().out
+    dry = out[out.index('dry run:'):].splitlines()
+    rows = {line.split()[0]: line.split()[1:] for line in dry[2:]}
+    assert set(rows) == {'experts', 'non-expert', 'params', 'grads', 'AdamW'}
+    assert rows['experts'][:3] == [f'{16 * 40 * 3 * 10752 * 6144 // 16:,}'] * 2 + ['0']  # 1/8 of experts, 2 replicas
+    for name, cells in rows.items():
+        assert cells[0] == cells[1] and float(cells[2].replace(',', '')) == 0, name

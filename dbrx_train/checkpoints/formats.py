@@ -23,8 +23,6 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from torch.distributed.tensor import DTensor
-from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 from tqdm import tqdm
 
 from dbrx_train.checkpoints.composer import (
@@ -40,6 +38,7 @@ from dbrx_train.checkpoints.storage import StoredTensor, index_tensors, material
 from dbrx_train.errors import CheckpointError
 from dbrx_train.model.config import ModelConfig
 from dbrx_train.model.dbrx import DbrxLM
+from dbrx_train.model.init import local_part, local_region
 from dbrx_train.model.quantize import quantize as quantize_model
 
 NamedTensors = Iterator[tuple[str, torch.Tensor]]
@@ -175,17 +174,3 @@ def load_pretrained(path: str | Path, device='cpu', dtype: torch.dtype | None = 
     if quantize is not None and dtype is None:
         dtype = torch.bfloat16
     return quantize_model(open_saved(path).load(device, dtype), quantize, group_size=group_size).eval()
-
-
-def local_part(tensor: torch.Tensor) -> torch.Tensor:
-    """This rank's part of `tensor`: the local shard of a DTensor (FSDP2), else the tensor itself."""
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
-
-
-def local_region(tensor: torch.Tensor) -> tuple[slice, ...]:
-    """Where this rank's part of `tensor` lies in the full tensor."""
-    if isinstance(tensor, DTensor):
-        shape, offset = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh, tensor.placements)
-    else:
-        shape, offset = tensor.shape, (0,) * tensor.dim()
-    return tuple(slice(start, start + size) for start, size in zip(offset, shape))

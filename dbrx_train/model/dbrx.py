@@ -17,16 +17,19 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from dbrx_train.constants import IGNORE_INDEX, next_token_targets
 from dbrx_train.model.attention import AttentionMask, Causal, Dense, Documents, LeftPadded
 from dbrx_train.model.config import ModelConfig
 from dbrx_train.model.generation import generate
 from dbrx_train.model.loss import linear_cross_entropy, load_balancing_loss
+from dbrx_train.model.init import init_normal_, local_part
 from dbrx_train.model.moe import Experts, build_experts, run_experts
 from dbrx_train.model.quantize import quantize
 
 NORM_EPS = 1e-5
+RESIDUAL_EXPERT_WEIGHTS = ('w2',)  # the experts' projection into the residual stream
 
 
 def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,7 +161,7 @@ class LossOutput:
 class DbrxLM(nn.Module):
     """The DBRX causal language model. `model(input_ids)` returns logits `(batch, seq, vocab)`."""
 
-    def __init__(self, config: ModelConfig, device=None):
+    def __init__(self, config: ModelConfig, device=None, seed: int | None = None):
         super().__init__()
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.d_model, device=device)
@@ -168,27 +171,30 @@ class DbrxLM(nn.Module):
         if config.quantization is not None:  # the layout of a quantized checkpoint, to load one into
             quantize(self, config.quantization, empty=True)
         elif device is None or torch.device(device).type != 'meta':
-            self.init_weights()
+            self.init_weights(seed)
 
     @torch.no_grad()
-    def init_weights(self) -> None:
-        """Initialises every parameter (also those of a `to_empty` model built on `meta`)."""
-        for module in self.modules():
-            self.param_init_fn(module)
-
-    @torch.no_grad()
-    def param_init_fn(self, module: nn.Module) -> None:
-        """Initialises `module`'s own parameters: Normal(0, init_std), with projections into the
+    def init_weights(self, seed: int | None = None) -> None:
+        """Initialises every base parameter, or this rank's part of each in a sharded model built on
+        `meta` and materialised with `to_empty`: Normal(0, init_std), with projections into the
         residual stream scaled down by sqrt(2 * n_layers) (GPT-2) and LayerNorm scales at 1.
-        Composer calls it module by module when it materialises a meta-device model shard by shard."""
+
+        Drawn by `dbrx_train.model.init`, so the values depend on `seed` and the parameter's name
+        only, not on how the model is sharded. `seed` None: one drawn from torch's global generator
+        (`torch.manual_seed` decides, as for any torch module). LoRA adapters are not touched."""
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, ()).item())
         std = self.config.init_std
         out_std = std / math.sqrt(2 * self.config.n_layers)
-        if isinstance(module, nn.LayerNorm):
-            nn.init.ones_(module.weight)
-        elif isinstance(module, Experts):
-            module.init_weights(std=std, out_std=out_std)
-        elif isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, std=out_std if getattr(module, 'writes_residual', False) else std)
+        for module_name, module in self.named_modules():
+            if 'parametrizations' in module_name.split('.'):
+                continue  # a LoRA parametrization: its original is its owner's, its adapters are not drawn here
+            for name, param in _base_parameters(module):
+                if isinstance(module, nn.LayerNorm):
+                    local_part(param).fill_(1.0)
+                else:
+                    residual = getattr(module, 'writes_residual', False) or name in RESIDUAL_EXPERT_WEIGHTS
+                    init_normal_(param, seed, f'{module_name}.{name}', out_std if residual else std)
 
     def hidden_states(self, input_ids, attention_mask=None, kv_cache=None, sequence_id=None):
         """Final-norm hidden states `(batch, seq, d_model)` and each layer's `RouterStats`.
@@ -258,14 +264,6 @@ class DbrxLM(nn.Module):
         hidden, _ = self.hidden_states(input_ids, attention_mask, kv_cache, sequence_id)
         return self.lm_head(hidden)
 
-    # Composer's FSDP2 hooks (it reads them from the ComposerModel's children): one shard unit, and
-    # one activation-checkpointed unit, per transformer block.
-    def fsdp_wrap_fn(self, module: nn.Module) -> bool:
-        return isinstance(module, DbrxBlock)
-
-    def activation_checkpointing_fn(self, module: nn.Module) -> bool:
-        return isinstance(module, DbrxBlock)
-
     def loss(self, input_ids, labels=None, attention_mask=None, sequence_id=None) -> LossOutput:
         """Next-token cross-entropy plus the weighted load-balancing loss, without materialising
         the `(tokens, vocab)` logits. `labels` default to `input_ids`; `IGNORE_INDEX` is skipped."""
@@ -293,3 +291,13 @@ class DbrxLM(nn.Module):
     def generate(self, input_ids, **kwargs) -> torch.Tensor:
         """Prompt plus new tokens; see `dbrx_train.model.generation.generate` for the options."""
         return generate(self, input_ids, **kwargs)
+
+
+def _base_parameters(module: nn.Module):
+    """(name, parameter) of `module`'s own base parameters, the original of a parametrized (LoRA)
+    one included, under the name it has in a plain model."""
+    for name, param in module.named_parameters(recurse=False):
+        yield name, param
+    if parametrize.is_parametrized(module):
+        for name, parametrization in module.parametrizations.items():
+            yield name, parametrization.original

@@ -17,6 +17,8 @@ from dbrx_train.model.compile import CompileConfig
 from dbrx_train.model.config import ModelConfig
 from dbrx_train.model.lora import LoraConfig, check_layers
 from dbrx_train.training.finetune import FreezeConfig
+from dbrx_train.training.sizing import MOE_WORLD_SIZE_KEY
+from dbrx_train.typed_config import parse
 
 # A loader section is parsed by the schema its `name` selects ('text' when it has none).
 AnyLoader = LoaderConfig | FinetuningLoaderConfig
@@ -86,10 +88,14 @@ class TrainConfig:
     # torch.compile each transformer block (dbrx_train.model.compile); {} for torch's defaults.
     compile_config: CompileConfig | None = None
     device: Literal['auto', 'cpu', 'gpu'] = 'auto'
-    # meta: every rank builds empty parameters and fills only its own shard (needs GPUs: Composer
-    # materialises meta shards on CUDA). mixed: rank 0 builds the model, the others get it broadcast.
+    # meta: every rank builds the model without storage and materialises and initialises only its
+    # own shards (training.parallelize); cpu: every rank builds the whole model first. Both give the
+    # same weights. llm-foundry's 'mixed' (rank 0 builds it) is taken as 'meta'.
     init_device: Literal['cpu', 'meta', 'mixed'] = 'cpu'
     fsdp_config: FSDPConfig | None = field(default_factory=FSDPConfig)
+    # Refuse, before the model is built, a layout whose weights, gradients and optimizer state
+    # (training.sizing) cannot fit this host's or GPU's memory; false: start anyway.
+    check_memory: bool = True
     save_folder: str | None = None
     save_interval: str = '1000ba'
     save_num_checkpoints_to_keep: int = -1
@@ -143,18 +149,18 @@ class TrainConfig:
         if self.curriculum is not None and self.train_loader.name != 'text':
             raise ConfigError('curriculum', f'mixes the streams of a text train_loader, not of a '
                                             f'{self.train_loader.name} one')
+        if self.init_device == 'meta' and self.fsdp_config is None:
+            raise ConfigError('init_device', "'meta' needs fsdp_config (each rank materialises only its shards)")
         if self.model.ffn_config.moe_world_size > 1:
             self._check_expert_parallel()
         _ = self.schedule  # the curriculum's streams, durations and coverage of max_duration, checked now
 
     def _check_expert_parallel(self) -> None:
-        key = 'model.ffn_config.moe_world_size'
         if self.fsdp_config is None or self.fsdp_config.sharding_strategy != 'FULL_SHARD':
-            raise ConfigError(key, 'expert parallelism needs fsdp_config with sharding_strategy FULL_SHARD')
+            raise ConfigError(MOE_WORLD_SIZE_KEY, 'expert parallelism needs fsdp_config with sharding_strategy '
+                                                  'FULL_SHARD')
         if self.lora is not None:
-            raise ConfigError(key, 'LoRA adapters are not supported with expert parallelism')
-        if self.init_device != 'cpu':
-            raise ConfigError(key, "expert parallelism needs init_device 'cpu' (every rank builds the model)")
+            raise ConfigError(MOE_WORLD_SIZE_KEY, 'LoRA adapters are not supported with expert parallelism')
 
     @functools.cached_property
     def schedule(self) -> Schedule | None:
@@ -176,3 +182,11 @@ class TrainConfig:
     @property
     def seq_len(self) -> int:
         return self.max_seq_len or self.model.max_seq_len
+
+
+def layout_only(model: ModelConfig, **settings) -> TrainConfig:
+    """A `TrainConfig` that describes a layout and no data (`info --dry-run`, benchmarks, tests of
+    `training.parallelize`); `settings` are more of its keys, as typed values. Not checked."""
+    loader = parse(LoaderConfig, {'dataset': {'local': 'unused'}}, 'train_loader')
+    return TrainConfig(**{'model': model, 'train_loader': loader, 'max_duration': '1ba', 'global_train_batch_size': 1,
+                          **settings})

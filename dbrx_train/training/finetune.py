@@ -4,9 +4,9 @@
 adds the `lora` adapters (which freeze everything else). `start_from_pretrained` runs once Composer
 has placed, and with FSDP sharded, the model: it fills the model from `init_from`, each rank reading
 only the slices of the tensors it holds (safetensors slices; `torch.distributed.checkpoint` for a
-sharded Composer checkpoint). With `init_device: meta` (GPUs) no process ever holds more than its
-shard of the model; with `cpu` every rank first builds the whole model, with `mixed` rank 0 does. A
-run that resumed from its own checkpoint keeps what it resumed.
+sharded Composer checkpoint). With `init_device: meta` no process ever holds more than its shards
+of the model; with `cpu` every rank first builds the whole model. A run that resumed from its own
+checkpoint keeps what it resumed.
 
 `init_from` is a transformers DBRX directory, a dbrx_train checkpoint, or a Composer save_folder /
 checkpoint of this framework (a full `.pt` one is a single pickle, read whole).
@@ -19,13 +19,11 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
-from dbrx_train.checkpoints.formats import local_part, local_region, open_saved
+from dbrx_train.checkpoints.formats import open_saved
 from dbrx_train.errors import ConfigError
 from dbrx_train.model.config import ModelConfig
 from dbrx_train.model.dbrx import DbrxLM
-from dbrx_train.model.lora import LoraConfig, apply_lora, base_parameters, check_layers, initial_adapter_values
+from dbrx_train.model.lora import LoraConfig, apply_lora, base_parameters, check_layers
 from dbrx_train.typed_config import to_dict
 
 log = logging.getLogger(__name__)
@@ -99,21 +97,15 @@ def _flatten(values: dict, prefix: str = '') -> dict:
     return flat
 
 
-def start_from_pretrained(trainer, init_from: str | None, lora: LoraConfig | None) -> None:
-    """Loads `init_from` into the trainer's (possibly sharded) model and (re)draws the LoRA adapters,
-    unless the trainer resumed from a checkpoint of its own."""
+def start_from_pretrained(trainer, init_from: str | None) -> None:
+    """Loads `init_from` into the base parameters of the trainer's (possibly sharded) model, unless
+    the trainer resumed from a checkpoint of its own (the adapters keep their initial values)."""
     if init_from is None:
         return
     if int(trainer.state.timestamp.batch) > 0:
         log.info('resumed at batch %d: not loading init_from', int(trainer.state.timestamp.batch))
         return
-    model = trainer.state.model.model
-    load_initial_weights(model, init_from)
-    if lora is not None:
-        # Composer may have materialised the adapters from meta without initialising them.
-        with torch.no_grad():
-            for tensor, value in initial_adapter_values(model, lora.seed):
-                local_part(tensor).copy_(value[local_region(tensor)])
+    load_initial_weights(trainer.state.model.model, init_from)
 
 
 def check_init_from(init_from: str | None, config: ModelConfig) -> None:

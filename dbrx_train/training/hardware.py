@@ -1,8 +1,11 @@
-"""What this machine can do: the measured dense matmul peak that MFU is reported against."""
+"""What this machine can do: the measured dense matmul peak that MFU is reported against, and the
+memory a layout must fit in."""
 
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 
 import torch
 
@@ -38,3 +41,22 @@ def cpu_bf16_support() -> str | None:
     if 'avx512_bf16' in flags:
         return 'AVX512_BF16'
     return None
+
+
+def host_memory_bytes() -> int:
+    """This host's memory for the processes of this job: the physical memory, or the cgroup's limit
+    when that is lower (a container)."""
+    total = os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
+    for limit_file in ('/sys/fs/cgroup/memory.max', '/sys/fs/cgroup/memory/memory.limit_in_bytes'):
+        try:
+            limit = Path(limit_file).read_text().strip()
+        except OSError:
+            continue
+        if limit.isdigit():
+            total = min(total, int(limit))
+    return total
+
+
+def gpu_memory_bytes() -> int:
+    """The memory of this process's GPU."""
+    return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory

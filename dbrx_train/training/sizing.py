@@ -3,7 +3,7 @@
 Layout: world = `moe_world_size` (M) x replicas (R). Non-expert parameters are FSDP-sharded over
 all ranks (FULL_SHARD) or over `shard_group_size` ranks (HYBRID_SHARD, replicated across groups).
 Expert parameters: with M = 1 they are sharded like the rest; with M > 1 each rank owns E/M whole
-experts of every layer, FSDP-sharded over its R replicas (what `training.expert_parallel` builds).
+experts of every layer, FSDP-sharded over its R replicas (what `training.parallelize` builds).
 FSDP2 splits dim 0 of every parameter into equal chunks, the last ones short or empty, and pads
 to the largest: the numbers here are rank 0's, the busiest.
 
@@ -29,14 +29,24 @@ reduce-scatters and HYBRID_SHARD's all-reduce are not counted.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
 
-from dbrx_train.errors import ConfigError
+from dbrx_train.errors import ConfigError, UserError
 from dbrx_train.model.config import ModelConfig
-from dbrx_train.training.expert_parallel import check_moe_world_size
 
+MOE_WORLD_SIZE_KEY = 'model.ffn_config.moe_world_size'
+GIB = 2**30
 # Bytes held per parameter: fp32 master weights, fp32 gradients, AdamW's exp_avg and exp_avg_sq.
 STATE_BYTES = {'params': 4, 'grads': 4, 'AdamW': 2 * 4}
+
+
+def check_moe_world_size(moe_world_size: int, world_size: int) -> None:
+    if moe_world_size > world_size:
+        raise ConfigError(MOE_WORLD_SIZE_KEY, f'{moe_world_size} is larger than the world size ({world_size})')
+    if world_size % moe_world_size:
+        raise ConfigError(MOE_WORLD_SIZE_KEY, f'the world size ({world_size}) is not divisible by {moe_world_size}')
 
 
 @dataclass(frozen=True)
@@ -55,8 +65,8 @@ class Layout:
                 raise ConfigError('fsdp_config.shard_group_size', f'the world size ({self.world_size}) is not a '
                                                                   f'multiple of {self.shard_group_size}')
             if config.ffn_config.moe_world_size > 1:
-                raise ConfigError('model.ffn_config.moe_world_size', 'expert parallelism needs FULL_SHARD, not '
-                                                                     'HYBRID_SHARD (shard_group_size)')
+                raise ConfigError(MOE_WORLD_SIZE_KEY, 'expert parallelism needs FULL_SHARD, not HYBRID_SHARD '
+                                                      '(shard_group_size)')
 
     @property
     def shard_ranks(self) -> int:
@@ -124,8 +134,9 @@ def all_to_all_bytes(config: ModelConfig, tokens: int, micro_batches: int = 1, d
                                                                                               combine_bytes)
 
 
-def rank_size(config: ModelConfig, layout: Layout, tokens: int, micro_batches: int, traffic: Traffic) -> RankSize:
-    """Rank 0's parameter shards and its traffic per step; `tokens` per micro-batch on this rank."""
+def _rank_shards(config: ModelConfig, layout: Layout) -> tuple[int, int, int, int]:
+    """Rank 0's elements of one layer's three expert weights and of one block's other parameters,
+    of the root module's, and the ranks the experts are sharded over (FSDP)."""
     layout.check(config)
     m = config.ffn_config.moe_world_size
     block, (expert,), root = _shapes(config)
@@ -135,6 +146,13 @@ def rank_size(config: ModelConfig, layout: Layout, tokens: int, micro_batches: i
     expert_shard = 3 * _shard(expert_rows, expert[1], expert_ranks)
     block_shard = sum(_shard(dim0, rest, n) for dim0, rest in block)
     root_shard = sum(_shard(dim0, rest, n) for dim0, rest in root)
+    return expert_shard, block_shard, root_shard, expert_ranks
+
+
+def rank_size(config: ModelConfig, layout: Layout, tokens: int, micro_batches: int, traffic: Traffic) -> RankSize:
+    """Rank 0's parameter shards and its traffic per step; `tokens` per micro-batch on this rank."""
+    expert_shard, block_shard, root_shard, expert_ranks = _rank_shards(config, layout)
+    n = layout.shard_ranks
 
     def received(shard: int, ranks: int) -> int:  # all-gather: every other rank's padded shard
         return (ranks - 1) * shard * traffic.gather
@@ -150,3 +168,100 @@ def rank_size(config: ModelConfig, layout: Layout, tokens: int, micro_batches: i
         all_gather_bytes=gathers,
         gathered_block_bytes=(n * block_shard + expert_ranks * expert_shard) * traffic.gather,
     )
+
+
+# ---------------------------------------------------------------- does a layout fit
+
+
+def optimizer_state_bytes(optimizer: str) -> int:
+    """fp32 optimizer state per trainable parameter: Adam's two moments, Lion's one, else none counted."""
+    name = optimizer.lower()
+    return 8 if 'adam' in name else 4 if 'lion' in name else 0
+
+
+def model_numel(config: ModelConfig) -> int:
+    block, (expert,), root = _shapes(config)
+    per_layer = sum(d * r for d, r in block) + 3 * expert[0] * expert[1]
+    return config.n_layers * per_layer + sum(d * r for d, r in root)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a layout's ranks run and what they hold besides their shards."""
+
+    ranks_per_host: int
+    on_gpu: bool
+    builds_whole_model: bool  # init_device cpu: every rank builds the whole fp32 model before sharding
+    bytes_per_param: int  # held per parameter of rank 0's shards: weights, and gradients and optimizer state
+
+
+@dataclass(frozen=True)
+class MemoryNeed:
+    """Bytes that must be held at once at least (activations and temporaries not counted)."""
+
+    state: int  # rank 0: its shards' weights, gradients and optimizer state
+    build: int  # one rank's whole model before sharding (0 on meta)
+    host: int  # every rank of one host together
+    gpu: int  # one GPU (0 on CPU)
+
+
+def memory_need(config: ModelConfig, layout: Layout, placement: Placement) -> MemoryNeed:
+    expert_shard, block_shard, root_shard, _ = _rank_shards(config, layout)
+    state = (config.n_layers * (expert_shard + block_shard) + root_shard) * placement.bytes_per_param
+    build = 4 * model_numel(config) if placement.builds_whole_model else 0
+    per_rank_on_host = max(build, 0 if placement.on_gpu else state)
+    ranks = min(placement.ranks_per_host, layout.world_size)
+    return MemoryNeed(state=state, build=build, host=ranks * per_rank_on_host, gpu=state if placement.on_gpu else 0)
+
+
+def fits(need: MemoryNeed, host_bytes: int, gpu_bytes: int) -> bool:
+    return need.host <= host_bytes and need.gpu <= gpu_bytes
+
+
+def smallest_fitting_world(config: ModelConfig, layout: Layout, placement: Placement, host_bytes: int,
+                           gpu_bytes: int, largest: int = 1 << 20) -> int | None:
+    """The smallest world size (a multiple of the expert-parallel degree and of the shard group)
+    whose rank 0 fits, with as many ranks per host; None when no world up to `largest` does. The
+    need only shrinks as the world grows: doublings find a fitting world, bisection the smallest."""
+    step = math.lcm(config.ffn_config.moe_world_size, layout.shard_group_size or 1)
+
+    def fit(multiple: int) -> bool:
+        world = dataclasses.replace(layout, world_size=multiple * step)
+        return fits(memory_need(config, world, placement), host_bytes, gpu_bytes)
+
+    high = 1
+    while not fit(high):
+        high *= 2
+        if high * step > largest:
+            return None
+    low = high // 2  # does not fit (0: nothing below)
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (low, middle) if fit(middle) else (middle, high)
+    return high * step
+
+
+def check_fits(config: ModelConfig, layout: Layout, placement: Placement, host_bytes: int, gpu_bytes: int) -> None:
+    """`UserError` in one line, before anything is allocated, when rank 0 of `layout` cannot hold its
+    shards (or, with init_device cpu, the whole model it builds first) in this host's or GPU's memory."""
+    need = memory_need(config, layout, placement)
+    if fits(need, host_bytes, gpu_bytes):
+        return
+    if need.gpu > gpu_bytes:
+        problem = f'rank 0 needs at least {need.gpu / GIB:,.1f} GiB on its GPU, which has {gpu_bytes / GIB:,.1f} GiB'
+    else:
+        ranks = min(placement.ranks_per_host, layout.world_size)
+        what = ('builds the whole model first' if need.build >= need.state and need.build else
+                'holds its shards with gradients and optimizer state')
+        problem = (f'{ranks} rank(s) on this host need at least {need.host / GIB:,.1f} GiB (each {what}: '
+                   f'{max(need.build, need.state) / GIB:,.1f} GiB), the host has {host_bytes / GIB:,.1f} GiB')
+    world = smallest_fitting_world(config, layout, placement, host_bytes, gpu_bytes)
+    if world is not None:
+        hosts = -(-world // placement.ranks_per_host)
+        fix = f'the smallest layout that fits is world size {world} ({hosts} host(s) of {placement.ranks_per_host})'
+    elif placement.builds_whole_model:
+        fix = "more ranks cannot help: use init_device: meta (each rank builds only its shards)"
+    else:
+        fix = 'no world size up to 1048576 fits'
+    raise UserError(f'layout does not fit: {problem} (world size {layout.world_size}, moe_world_size '
+                    f'{config.ffn_config.moe_world_size}); {fix}; set check_memory: false to start anyway')

@@ -16,8 +16,7 @@ from pathlib import Path
 
 import torch
 from composer import Trainer
-from composer.core import DataSpec, Evaluator, Precision
-from composer.distributed.fsdp2 import create_mixed_precision_policy
+from composer.core import DataSpec, Evaluator
 from composer.utils import dist, reproducibility
 from composer.utils.parallelism import FSDP2Config
 
@@ -31,17 +30,15 @@ from dbrx_train.data.finetuning import build_finetuning_dataloader
 from dbrx_train.data.finetuning_source import prepare_hf_name
 from dbrx_train.data.mixture import build_mixture_dataloader
 from dbrx_train.errors import ConfigError
-from dbrx_train.model.compile import compile_blocks
 from dbrx_train.evaluation.icl import build_icl_evaluators
 from dbrx_train.training.callbacks import MoEMonitor
 from dbrx_train.training.config import TrainConfig
 from dbrx_train.training.curriculum_monitor import CurriculumMonitor
-from dbrx_train.training.expert_parallel import check_moe_world_size, expert_parallel_mesh, parallelize_experts
 from dbrx_train.training.finetune import check_init_from, prepare_model, start_from_pretrained
-from dbrx_train.training.gradient_average import fix_gradient_average
 from dbrx_train.training.gradient_clipping import GradientClipping
 from dbrx_train.training.hardware import cpu_bf16_support, matmul_peak_flops
 from dbrx_train.training.hf_checkpointer import HFCheckpointer
+from dbrx_train.training.parallelize import build_mesh, check_memory, parallelize, uses_fsdp
 from dbrx_train.training.preemption import SaveOnSignal
 from dbrx_train.uri import is_remote
 
@@ -61,41 +58,14 @@ def device_batch_size(cfg: TrainConfig, world_size: int) -> int:
     return cfg.global_train_batch_size // world_size
 
 
-def _init_device(cfg: TrainConfig, device: str) -> str:
-    if cfg.init_device == 'meta':
-        if device != 'gpu' or cfg.fsdp_config is None:
-            raise ConfigError('init_device', "'meta' needs GPUs and fsdp_config; use 'mixed' (rank 0 builds, "
-                                             "the others receive it) on CPU")
-        return 'meta'
-    if cfg.init_device == 'mixed':
-        return 'cpu' if dist.get_global_rank() == 0 else 'meta'
-    return 'cpu'
-
-
-def _fsdp2(cfg: TrainConfig, device: str) -> FSDP2Config | None:
+def _fsdp2(cfg: TrainConfig) -> FSDP2Config | None:
+    """What Composer is told of the FSDP2 that `parallelize` applied (its checkpoints and state
+    dicts follow it); Composer finds the model sharded and wraps nothing itself."""
+    if not uses_fsdp(cfg, dist.get_world_size()):
+        return None
     fsdp = cfg.fsdp_config
-    if fsdp is None:
-        return None
-    if dist.get_world_size() == 1 and not (fsdp.activation_checkpointing or fsdp.activation_cpu_offload):
-        # As llm-foundry does: one rank has nothing to shard, and FSDP2's per-block gathers and
-        # gradient reduce-scatters still cost about a fifth of a CPU step (bench/bench_trainer.py).
-        log.info('one process: training without FSDP (nothing to shard)')
-        return None
-    mesh = None
-    if fsdp.sharding_strategy == 'HYBRID_SHARD':
-        from torch.distributed.device_mesh import init_device_mesh
-
-        world = dist.get_world_size()
-        if world % fsdp.shard_group_size:
-            raise ConfigError('fsdp_config.shard_group_size',
-                              f'world size {world} is not a multiple of {fsdp.shard_group_size}')
-        mesh = init_device_mesh('cuda' if device == 'gpu' else 'cpu',
-                                (world // fsdp.shard_group_size, fsdp.shard_group_size),
-                                mesh_dim_names=('dp_replicate', 'dp_shard'))
-    return FSDP2Config(device_mesh=mesh, reshard_after_forward=fsdp.reshard_after_forward,
-                       activation_checkpointing=fsdp.activation_checkpointing,
-                       activation_cpu_offload=fsdp.activation_cpu_offload,
-                       state_dict_type=fsdp.state_dict_type, mixed_precision=fsdp.mixed_precision)
+    return FSDP2Config(reshard_after_forward=fsdp.reshard_after_forward, state_dict_type=fsdp.state_dict_type,
+                       mixed_precision=fsdp.mixed_precision, activation_cpu_offload=fsdp.activation_cpu_offload)
 
 
 def resolve_precision(precision: str, device: str) -> str:
@@ -117,14 +87,6 @@ def _build_algorithm(name: str, kwargs: dict):
     from llmfoundry.utils.builders import build_algorithm
 
     return OUR_ALGORITHMS[name](**kwargs) if name in OUR_ALGORITHMS else build_algorithm(name, kwargs)
-
-
-def _place_experts(model, cfg: TrainConfig, device: str, precision: str) -> None:
-    mesh = expert_parallel_mesh(cfg.model.ffn_config.moe_world_size, 'cuda' if device == 'gpu' else 'cpu')
-    log.info('expert parallelism: %s', mesh)
-    # The mixed precision Composer gives the other FSDP2 units.
-    mp_policy = create_mixed_precision_policy(Precision(precision), cfg.fsdp_config.mixed_precision)
-    parallelize_experts(model, mesh, mp_policy, cfg.fsdp_config.reshard_after_forward)
 
 
 def _setup_logging(level: str | None) -> None:
@@ -149,18 +111,20 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
         for note in cfg.notes():
             log.warning(note)
     reproducibility.seed_all(cfg.seed)
-    precision = resolve_precision(cfg.precision, device)
+    # parallelize's mixed-precision policy and Composer train in the precision this CPU can run.
+    cfg = dataclasses.replace(cfg, precision=resolve_precision(cfg.precision, device))
     batch_per_device = device_batch_size(cfg, dist.get_world_size())
-    check_moe_world_size(cfg.model.ffn_config.moe_world_size, dist.get_world_size())
+    if cfg.check_memory:
+        check_memory(cfg, dist.get_world_size(), dist.get_local_world_size(), device)
+    mesh = build_mesh(cfg, dist.get_world_size(), device)
 
     check_init_from(cfg.init_from, cfg.model)  # before the model is built: that can take long
-    model = ComposerDbrx(cfg.model, device=_init_device(cfg, device))
+    # 'mixed' (llm-foundry's rank 0 builds, the others receive) is 'meta': the weights are the same.
+    model = ComposerDbrx(cfg.model, device='cpu' if cfg.init_device == 'cpu' else 'meta', seed=cfg.seed)
     prepare_model(model.model, cfg.freeze, cfg.lora)  # what trains, before the optimizer sees it
-    if cfg.model.ffn_config.moe_world_size > 1:
-        _place_experts(model.model, cfg, device, precision)  # before the optimizer and Composer's FSDP2
-    if cfg.compile_config is not None:  # after the experts are placed, before Composer's FSDP2
-        log.info('compiling each transformer block: %s', cfg.compile_config.kwargs())
-        compile_blocks(model.model, cfg.compile_config)
+    parallelize(model.model, cfg, mesh, device)  # before the optimizer: it sees the sharded parameters
+    # Composer's FSDP2 wraps nothing (parallelize did); `_fsdp_wrap` is its only switch for that.
+    model.model._fsdp_wrap = False
     if cfg.curriculum is not None:
         train_loader = build_mixture_dataloader(cfg.train_loader, cfg.schedule, cfg.seq_len)
     else:
@@ -192,7 +156,7 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
 
     if cfg.save_folder is not None and dist.get_global_rank() == 0:
         save_model_config(cfg)
-    fsdp = _fsdp2(cfg, device)
+    fsdp = _fsdp2(cfg)
     savers, checkpointing = _checkpointing(cfg)
     trainer = Trainer(
         run_name=cfg.run_name,
@@ -206,7 +170,7 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
         optimizers=optimizer,
         schedulers=scheduler,
         algorithms=algorithms,
-        precision=precision,
+        precision=cfg.precision,
         device=device,
         device_train_microbatch_size=cfg.device_train_microbatch_size or batch_per_device,
         parallelism_config={'fsdp': fsdp} if fsdp is not None else None,
@@ -219,8 +183,7 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
         dist_timeout=cfg.dist_timeout,
         python_log_level=cfg.python_log_level,
     )
-    fix_gradient_average(trainer.state.model)  # FSDP2's gradient mean on gloo
-    start_from_pretrained(trainer, cfg.init_from, cfg.lora)  # into the placed (and sharded) model
+    start_from_pretrained(trainer, cfg.init_from)  # into the placed (and sharded) model
     return trainer
 
 

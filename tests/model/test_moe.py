@@ -19,7 +19,8 @@ def make_moe(top_k=4, p=1.0, seed=0) -> MoE:
                          ffn_config=FFNConfig(ffn_hidden_size=FFN, moe_num_experts=EXPERTS, moe_top_k=top_k,
                                               moe_normalize_expert_weights=p))
     moe = MoE(config)
-    moe.experts.init_weights(std=0.2, out_std=0.2)
+    for weight in (moe.experts.w1, moe.experts.v1, moe.experts.w2):
+        torch.nn.init.normal_(weight, std=0.2)
     return moe
 
 

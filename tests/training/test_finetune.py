@@ -120,7 +120,9 @@ def test_lora_on_two_fsdp_ranks_starts_from_the_transformers_dir_and_export_merg
              eval_loader=None, **{'train_loader.dataset.local': chats, 'global_train_batch_size': 4,
                                   'device_train_microbatch_size': 2, 'max_duration': '3ba', 'save_interval': '3ba',
                                   'optimizer.lr': 1e-2, 'lora.r': lora.r, 'lora.alpha': lora.alpha,
-                                  'lora.targets': f'[{",".join(lora.targets)}]', 'lora.layers': '[1]'})
+                                  'lora.targets': f'[{",".join(lora.targets)}]', 'lora.layers': '[1]',
+                                  # Built on meta: each rank materialises its shards, then reads them.
+                                  'init_device': 'meta', 'fsdp_config.activation_checkpointing': True})
 
     exported = export(tmp_path / 'checkpoints', tmp_path / 'hf')
     base, merged = load_file(hf_base / 'model.safetensors'), load_file(exported / 'model.safetensors')
@@ -214,10 +216,10 @@ def test_a_resumed_run_keeps_its_weights_instead_of_init_from(hf_base):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     state = SimpleNamespace(timestamp=SimpleNamespace(batch=7), model=SimpleNamespace(model=model))
     trainer = SimpleNamespace(state=state)
-    start_from_pretrained(trainer, str(hf_base), None)
+    start_from_pretrained(trainer, str(hf_base))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     trainer.state.timestamp.batch = 0
-    start_from_pretrained(trainer, str(hf_base), None)
+    start_from_pretrained(trainer, str(hf_base))
     assert not torch.equal(before['wte.weight'], model.wte.weight)
 
 

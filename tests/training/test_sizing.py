@@ -68,3 +68,31 @@ def test_traffic_follows_composer_mixed_precision():
     assert Traffic.of('fp32') == Traffic(gather=4, dispatch=4, combine=4)
     assert Traffic.of('amp_bf16') == Traffic(gather=2, dispatch=4, combine=2)
     assert Traffic.of('amp_bf16', 'FULL') == Traffic(gather=4, dispatch=4, combine=2)
+
+
+def test_a_layout_that_cannot_fit_is_one_line_with_both_numbers_and_the_smallest_layout_that_fits():
+    from dbrx_train.errors import UserError
+    from dbrx_train.info import load_model_config, with_moe_world_size
+    from dbrx_train.training.sizing import GIB, Placement, check_fits, memory_need
+
+    config = with_moe_world_size(load_model_config('yamls/models/dbrx-132b.yaml'), 8)
+    host = 24 * GIB
+    on_cpu = Placement(ranks_per_host=8, on_gpu=False, builds_whole_model=False, bytes_per_param=16)
+    need = memory_need(config, Layout(8), on_cpu)
+    assert need.host == 8 * need.state and need.state == rank_size(config, Layout(8), 1, 1, TRAFFIC).numel * 16
+    with pytest.raises(UserError) as info:
+        check_fits(config, Layout(8), on_cpu, host, 0)
+    message = str(info.value)
+    assert '\n' not in message
+    assert f'need at least {need.host / GIB:,.1f} GiB' in message and 'the host has 24.0 GiB' in message
+    smallest = int(message.split('the smallest layout that fits is world size ')[1].split()[0])
+    assert memory_need(config, Layout(smallest), on_cpu).host <= host
+    assert memory_need(config, Layout(smallest - 8), on_cpu).host > host  # the multiple of 8 below does not
+    check_fits(config, Layout(smallest), on_cpu, host, 0)
+
+    # Every rank building the whole model first: more ranks cannot help, meta can.
+    with pytest.raises(UserError, match='more ranks cannot help: use init_device: meta'):
+        check_fits(config, Layout(smallest), dataclasses.replace(on_cpu, builds_whole_model=True), host, 0)
+    on_gpu = dataclasses.replace(on_cpu, on_gpu=True)
+    with pytest.raises(UserError, match=r'rank 0 needs at least [\d.,]+ GiB on its GPU, which has 80.0 GiB'):
+        check_fits(config, Layout(8), on_gpu, host, 80 * GIB)

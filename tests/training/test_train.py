@@ -79,10 +79,29 @@ def test_a_missing_data_directory_is_one_line_naming_the_stream(tiny_corpus, tmp
                          'train_loader.dataset.streams.code.local: data directory not found')
 
 
+def test_a_layout_that_cannot_fit_this_host_is_one_line_before_the_model_is_built(tiny_corpus, tmp_path):
+    # DBRX-132B on one process of this host: 2.1 TB of weights, gradients and AdamW state.
+    big = {'d_model': 6144, 'n_heads': 48, 'n_layers': 40, 'attn_config.kv_n_heads': 8,
+           'ffn_config.ffn_hidden_size': 10752}
+    _fails_with_one_line([str(CONFIG), *tiny_overrides(tiny_corpus, tmp_path),
+                          *(f'model.{k}={v}' for k, v in big.items())],
+                         'layout does not fit: 1 rank(s) on this host need at least 1,960.9 GiB')
+
+
+def test_meta_initialisation_without_fsdp_config_is_one_line_naming_the_key():
+    from dbrx_train.errors import ConfigError
+    from dbrx_train.training.config import TrainConfig
+    from dbrx_train.typed_config import load_yaml, parse
+
+    with pytest.raises(ConfigError, match="^init_device: 'meta' needs fsdp_config"):
+        parse(TrainConfig, load_yaml(CONFIG, ['init_device=meta', 'fsdp_config=null']))
+
+
 def test_expert_parallel_processes_match_one_process(tiny_corpus, reference, tmp_path):
     # Each of the 2 ranks owns 8 of the 16 experts of each layer; tokens travel to them.
-    run(tiny_overrides(tiny_corpus, tmp_path, **{'model.ffn_config.moe_world_size': 2}), processes=2,
-        log_dir=tmp_path)
+    # Built on meta: each rank materialises and initialises only its shards, the weights of one process.
+    settings = {'model.ffn_config.moe_world_size': 2, 'init_device': 'meta'}
+    run(tiny_overrides(tiny_corpus, tmp_path, **settings), processes=2, log_dir=tmp_path)
     for key in ('loss/train/lm', 'loss/train/moe_aux'):
         one, two = losses(reference / 'metrics.jsonl', key), losses(tmp_path / 'metrics.jsonl', key)
         assert sorted(two) == sorted(one)

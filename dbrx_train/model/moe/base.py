@@ -5,8 +5,8 @@ routed tokens to their weighted expert outputs. How the weights are stored is th
 business: `GLUExperts` holds them as float parameters `w1`, `v1` and `w2`, each
 `(E * ffn_hidden_size, d_model)`, the layout transformers' `DbrxExpertGLU` and Megablocks' GLU
 share, so weights copy across backends and checkpoints without transposes; the float backends
-only decide how the tokens reach them. Quantized experts (`dbrx_train.model.quantize`) store
-integer buffers instead and are loaded, never initialised.
+only decide how the tokens reach them (`DbrxLM.init_weights` draws them by name). Quantized
+experts (`dbrx_train.model.quantize`) store integer buffers instead and are loaded, never initialised.
 """
 
 from __future__ import annotations
@@ -23,9 +23,6 @@ class Experts(nn.Module):
         self.d_model = d_model
         self.ffn_hidden_size = ffn_hidden_size
         self.num_experts = num_experts
-
-    def init_weights(self, std: float, out_std: float) -> None:
-        raise TypeError(f'{type(self).__name__} has no initialisation: its weights are loaded from a checkpoint')
 
     def forward(self, x: torch.Tensor, top_weights: torch.Tensor, top_experts: torch.Tensor) -> torch.Tensor:
         """x `(tokens, d_model)`; top_weights/top_experts `(tokens, top_k)`: the weighted sum of each
@@ -45,11 +42,6 @@ class GLUExperts(Experts):
         self.w1 = nn.Parameter(torch.empty(shape, device=device, dtype=dtype))
         self.v1 = nn.Parameter(torch.empty(shape, device=device, dtype=dtype))
         self.w2 = nn.Parameter(torch.empty(shape, device=device, dtype=dtype))
-
-    def init_weights(self, std: float, out_std: float) -> None:
-        nn.init.normal_(self.w1, std=std)
-        nn.init.normal_(self.v1, std=std)
-        nn.init.normal_(self.w2, std=out_std)
 
 
 @torch.compiler.disable

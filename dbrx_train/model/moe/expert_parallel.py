@@ -43,7 +43,8 @@ class ExpertParallelExperts(GLUExperts):
         self.traffic = torch.zeros(2, dtype=torch.int64)  # rows and bytes sent to other ranks, since take_traffic
         for name in WEIGHTS:
             full = getattr(experts, name)
-            local = distribute_tensor(full.detach(), mesh, [Shard(0)])
+            # Every rank holds the same values (or none, on meta): each keeps its rows, nothing is sent.
+            local = distribute_tensor(full.detach(), mesh, [Shard(0)], src_data_rank=None)
             setattr(self, name, nn.Parameter(local, requires_grad=full.requires_grad))
 
     @property

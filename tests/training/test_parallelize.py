@@ -1,8 +1,11 @@
-"""Expert parallelism under Composer's FSDP2: 2 and 4 gloo ranks train exactly as one process
-accumulating the same micro-batches; each rank holds its share of the expert weights."""
+"""`parallelize` on 2 and 4 gloo ranks: a model built on `meta` gets exactly the weights one process
+draws with the same seed, whatever the layout (FSDP, expert parallelism, LoRA, activation
+checkpointing); expert parallelism under FSDP2 trains exactly as one process accumulating the same
+micro-batches, and each rank holds its share of the expert weights."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -19,14 +22,19 @@ CLIP = 0.5  # below the gradient norms of these steps: clipping scales every ste
 CASES = {2: [(2, 1), (2, 4)], 4: [(2, 4), (4, 1)]}  # world size: (moe_world_size, top_k)
 RESHARDED = (4, 2)  # (world, moe_world_size) whose trained model is saved and loaded with 1, 4 and no process group
 EXPERT_WEIGHTS = ('w1', 'v1', 'w2')
+INIT_CASES = {'fsdp': 1, 'ep': 2, 'lora': 1}  # layout: moe_world_size
+INIT_ON = {2: [('fsdp', 'meta'), ('ep', 'meta'), ('ep', 'cpu'), ('lora', 'meta')], 4: [('ep', 'meta')]}
 
 
-def tiny(top_k: int, seed: int = 0) -> DbrxLM:
-    torch.manual_seed(seed)
-    config = ModelConfig(d_model=32, n_heads=4, n_layers=2, max_seq_len=SEQ, vocab_size=VOCAB, init_std=0.1,
-                         attn_config=AttentionConfig(kv_n_heads=2),
-                         ffn_config=FFNConfig(ffn_hidden_size=24, moe_num_experts=EXPERTS, moe_top_k=top_k))
-    return DbrxLM(config)
+def tiny_config(top_k: int, moe_world_size: int = 1) -> ModelConfig:
+    return ModelConfig(d_model=32, n_heads=4, n_layers=2, max_seq_len=SEQ, vocab_size=VOCAB, init_std=0.1,
+                       attn_config=AttentionConfig(kv_n_heads=2),
+                       ffn_config=FFNConfig(ffn_hidden_size=24, moe_num_experts=EXPERTS, moe_top_k=top_k,
+                                            moe_world_size=moe_world_size))
+
+
+def tiny(top_k: int, seed: int = 0, device: str = 'cpu') -> DbrxLM:
+    return DbrxLM(tiny_config(top_k), device=device, seed=seed)
 
 
 def batches(world: int) -> torch.Tensor:
@@ -59,37 +67,17 @@ def one_process(world: int, top_k: int) -> dict:
     return trace
 
 
-def as_composer_model(model: DbrxLM):
-    """What the Trainer hands Composer's FSDP2: a ComposerModel whose child is the DbrxLM (without
-    ComposerDbrx's evaluation metrics, slow to import)."""
-    from composer.models import ComposerModel
+def sharded(model: DbrxLM, moe_world_size: int, opt_factory=None, seed: int = 0, **settings):
+    """`model` (on `meta` or whole) laid out as the Trainer lays it out: `parallelize` over a mesh with
+    `moe_world_size` (1: no expert parallelism), initialised from `seed` when on `meta`; then the
+    optimizer, if asked. `settings`: more `TrainConfig` keys (lora, fsdp_config)."""
+    from dbrx_train.training.config import layout_only
+    from dbrx_train.training.parallelize import build_mesh, parallelize
 
-    class Wrapped(ComposerModel):
-        def __init__(self):
-            super().__init__()
-            self.model = model
-
-        forward = loss = None
-
-    return Wrapped()
-
-
-def sharded(model: DbrxLM, moe_world_size: int, opt_factory=None):
-    """`model` placed as the Trainer places it: expert-parallel over `moe_world_size` ranks (1: no
-    expert parallelism), then Composer's FSDP2. Returns the optimizer built in between, if asked."""
-    from composer.core import Precision
-    from composer.distributed import parallelize_composer_model
-    from composer.utils.parallelism import FSDP2Config
-
-    from dbrx_train.training.expert_parallel import expert_parallel_mesh, parallelize_experts
-    from dbrx_train.training.gradient_average import fix_gradient_average
-
-    if moe_world_size > 1:
-        parallelize_experts(model, expert_parallel_mesh(moe_world_size))
-    opt = opt_factory(model.parameters()) if opt_factory else None  # before FSDP2, as the Trainer builds it
-    parallelize_composer_model(as_composer_model(model), opt, FSDP2Config(), Precision.FP32)
-    fix_gradient_average(model)
-    return opt
+    ffn = replace(model.config.ffn_config, moe_world_size=moe_world_size)
+    cfg = layout_only(replace(model.config, ffn_config=ffn), seed=seed, **settings)
+    parallelize(model, cfg, build_mesh(cfg, dist.get_world_size(), 'cpu'))
+    return opt_factory(model.parameters()) if opt_factory else None
 
 
 def reshard(model: DbrxLM, top_k: int, workdir: Path) -> dict:
@@ -122,8 +110,8 @@ def init_from(top_k: int, workdir: Path, probe: torch.Tensor) -> dict:
     if dist.get_rank() == 0:
         save_checkpoint(source, workdir / 'native')
     dist.barrier()
-    model = tiny(top_k, seed=1)
-    sharded(model, 2)
+    model = tiny(top_k, device='meta')
+    sharded(model, 2, seed=1)
     load_initial_weights(model, workdir / 'native')
     return {'loaded': model(probe).detach(), 'saved': source(probe).detach()}
 
@@ -132,7 +120,7 @@ def train_on_rank(moe_world_size: int, top_k: int, workdir: Path) -> dict:
     from dbrx_train.training.gradient_clipping import clip_grad_norm_
 
     rank, world = dist.get_rank(), dist.get_world_size()
-    model = tiny(top_k)
+    model = tiny(top_k, device='meta')  # initialised by parallelize: the weights of tiny(top_k)
     opt = sharded(model, moe_world_size, optimizer)
 
     experts = model.blocks[0].ffn.experts
@@ -158,8 +146,32 @@ def train_on_rank(moe_world_size: int, top_k: int, workdir: Path) -> dict:
     return trace
 
 
+def initial_weights(case: str, device: str) -> dict:
+    """The full value of every parameter (and the loss and gradients of one step of the LoRA case)
+    of a model built on `device` and laid out as `case` says, with seed 5."""
+    from dbrx_train.model.lora import LoraConfig
+    from dbrx_train.training.config import FSDPConfig
+    from dbrx_train.training.finetune import prepare_model
+
+    model, moe_world_size, settings = tiny(2, device=device, seed=5), INIT_CASES[case], {}
+    if case == 'lora':
+        settings = dict(lora=LoraConfig(r=2, seed=3), fsdp_config=FSDPConfig(activation_checkpointing=True))
+        prepare_model(model, None, settings['lora'])
+    sharded(model, moe_world_size, seed=5, **settings)
+    found = {'params': {n: (p.full_tensor(), p.requires_grad) for n, p in model.named_parameters()}}
+    if case == 'lora':
+        ids = batches(1)[0, 0]
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        found['loss'] = loss.item()
+        found['grads'] = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.grad is not None}
+    return found
+
+
 def all_cases_on_rank(workdir: Path) -> dict:
-    return {case: train_on_rank(*case, workdir) for case in CASES[dist.get_world_size()]}
+    found = {case: train_on_rank(*case, workdir) for case in CASES[dist.get_world_size()]}
+    found['init'] = {(case, device): initial_weights(case, device) for case, device in INIT_ON[dist.get_world_size()]}
+    return found
 
 
 @pytest.fixture(scope='module')
@@ -170,6 +182,31 @@ def workdir(tmp_path_factory) -> Path:
 @pytest.fixture(scope='module')
 def spawned(workdir):
     return SpawnedOnce(all_cases_on_rank, workdir)
+
+
+@pytest.mark.parametrize('world,case,device', [(w, *case) for w, cases in INIT_ON.items() for case in cases])
+def test_every_layout_initialises_exactly_the_weights_of_one_process(spawned, world, case, device):
+    from dbrx_train.model.lora import LoraConfig, apply_lora
+
+    reference = tiny(2, seed=5)
+    if case == 'lora':
+        apply_lora(reference, LoraConfig(r=2, seed=3))
+    expected = dict(reference.named_parameters())
+    for rank in spawned(world):
+        found = rank['init'][case, device]
+        assert found['params'].keys() == expected.keys()
+        for name, (value, requires_grad) in found['params'].items():
+            assert torch.equal(value, expected[name]), name
+            assert requires_grad == expected[name].requires_grad, name
+    if case == 'lora':  # and the adapted, activation-checkpointed model computes as one process does
+        ids = batches(1)[0, 0]
+        loss = reference(ids, labels=ids).loss
+        loss.backward()
+        assert found['loss'] == pytest.approx(loss.item(), rel=1e-6)
+        assert found['grads'].keys() == {n for n, p in expected.items() if p.requires_grad}
+        for name, grad in found['grads'].items():
+            # Each rank's micro-batch is the same: the averaged gradient is the one-process gradient.
+            torch.testing.assert_close(grad, expected[name].grad, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize('world,moe_world_size,top_k', [(w, *case) for w, cases in CASES.items() for case in cases])
@@ -218,7 +255,7 @@ def test_a_checkpoint_saved_with_expert_parallelism_loads_with_any_degree_and_wi
 ])
 def test_a_bad_expert_parallel_degree_is_one_line_naming_the_key(moe_world_size, world_size, words):
     from dbrx_train.errors import ConfigError
-    from dbrx_train.training.expert_parallel import check_moe_world_size
+    from dbrx_train.training.sizing import check_moe_world_size
 
     with pytest.raises(ConfigError) as info:
         check_moe_world_size(moe_world_size, world_size)
