@@ -30,6 +30,7 @@ bench: $(STAMP)
 	$(PY) bench/bench_expert_parallel.py
 	$(PY) bench/bench_long_context.py
 	$(PY) bench/bench_spark_prep.py
+	$(PY) bench/bench_init.py
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

@@ -2,7 +2,7 @@
 bench model config (`yamls/models/dbrx-bench.yaml`), in one run.
 
 Each rank builds the same model twice and places it as the trainer does: once with its experts split
-over the 2 ranks (`parallelize_experts`, then Composer's FSDP2 on the rest), once with Composer's
+over the 2 ranks (`training.parallelize`: expert placement, then FSDP2 on the rest), once with
 FSDP2 alone (every parameter sharded over both ranks). A step is the training loss (with the load
 balancing loss, through `forward` as the trainer calls it) + backward + AdamW (`DecoupledAdamW`, as
 `decoupled_adamw` builds it) on a batch already in memory, different on each rank; the two layouts
@@ -55,29 +55,16 @@ def log(*parts) -> None:
 
 
 def shard_layout(model, moe_world_size: int, optimizer_factory):
-    """`model` placed as the trainer places it (experts first, the optimizer, then Composer's FSDP2);
-    returns the optimizer."""
-    from composer.core import Precision
-    from composer.distributed import parallelize_composer_model
-    from composer.models import ComposerModel
-    from composer.utils.parallelism import FSDP2Config
+    """`model` laid out as the trainer lays it out (`training.parallelize`), then its optimizer."""
+    from dbrx_train.training.config import TrainConfig
+    from dbrx_train.training.parallelize import build_mesh, parallelize
 
-    from dbrx_train.training.expert_parallel import expert_parallel_mesh, parallelize_experts
-    from dbrx_train.training.gradient_average import fix_gradient_average
-
-    class Wrapped(ComposerModel):  # what the trainer hands Composer: the DbrxLM as its child `model`
-        def __init__(self):
-            super().__init__()
-            self.model = model
-
-        forward = loss = None
-
-    if moe_world_size > 1:
-        parallelize_experts(model, expert_parallel_mesh(moe_world_size))
-    optimizer = optimizer_factory(model.parameters())
-    parallelize_composer_model(Wrapped(), optimizer, FSDP2Config(), Precision.FP32)
-    fix_gradient_average(model)
-    return optimizer
+    config = dataclasses.replace(model.config, ffn_config=dataclasses.replace(model.config.ffn_config,
+                                                                              moe_world_size=moe_world_size))
+    cfg = TrainConfig(model=config, train_loader={'dataset': {'local': 'unused'}}, max_duration='1ba',
+                      global_train_batch_size=WORLD)
+    parallelize(model, cfg, build_mesh(cfg, WORLD, 'cpu'))
+    return optimizer_factory(model.parameters())
 
 
 def local_bytes(tensors) -> int:

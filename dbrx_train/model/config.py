@@ -6,7 +6,7 @@ Key names and nesting follow transformers' `DbrxConfig` (`attn_config`, `ffn_con
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from dbrx_train.errors import ConfigError
@@ -109,3 +109,8 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
+
+    def without_layout(self) -> ModelConfig:
+        """The model alone: `ffn_config.moe_world_size` says where the experts live, not what they
+        are, so a checkpoint's config leaves it at 1 (a run may resume with another degree)."""
+        return replace(self, ffn_config=replace(self.ffn_config, moe_world_size=1))

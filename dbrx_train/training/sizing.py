@@ -256,12 +256,16 @@ def check_fits(config: ModelConfig, layout: Layout, placement: Placement, host_b
         problem = (f'{ranks} rank(s) on this host need at least {need.host / GIB:,.1f} GiB (each {what}: '
                    f'{max(need.build, need.state) / GIB:,.1f} GiB), the host has {host_bytes / GIB:,.1f} GiB')
     world = smallest_fitting_world(config, layout, placement, host_bytes, gpu_bytes)
-    if world is not None:
-        hosts = -(-world // placement.ranks_per_host)
-        fix = f'the smallest layout that fits is world size {world} ({hosts} host(s) of {placement.ranks_per_host})'
-    elif placement.builds_whole_model:
-        fix = "more ranks cannot help: use init_device: meta (each rank builds only its shards)"
+    prefix = ''
+    if world is None and placement.builds_whole_model:
+        prefix = 'more ranks cannot help, each builds the whole model: use init_device: meta; then '
+        placement = dataclasses.replace(placement, builds_whole_model=False)
+        world = smallest_fitting_world(config, layout, placement, host_bytes, gpu_bytes)
+    if world is None:
+        fix = f'{prefix}no world size up to 1048576 fits'
     else:
-        fix = 'no world size up to 1048576 fits'
+        hosts = -(-world // placement.ranks_per_host)
+        fix = (f'{prefix}the smallest layout that fits is world size {world} ({hosts} host(s) of '
+               f'{placement.ranks_per_host})')
     raise UserError(f'layout does not fit: {problem} (world size {layout.world_size}, moe_world_size '
                     f'{config.ffn_config.moe_world_size}); {fix}; set check_memory: false to start anyway')

@@ -201,19 +201,20 @@ def _checkpointing(cfg: TrainConfig) -> tuple[list[AtomicCheckpointSaver], dict]
 
 
 def save_model_config(cfg: TrainConfig) -> None:
-    """Puts the model config beside the checkpoints, so `load_pretrained(save_folder)` can rebuild the model."""
+    """Puts the model config beside the checkpoints, so `load_pretrained(save_folder)` can rebuild the
+    model. Without the layout (`ModelConfig.without_layout`): a run may resume with another one."""
     if is_remote(cfg.save_folder):
         log.warning('save_folder %s is remote: keep the YAML to load its checkpoints', cfg.save_folder)
         return
-    folder = Path(cfg.save_folder)
+    folder, model = Path(cfg.save_folder), cfg.model.without_layout()
     if (folder / CONFIG_FILE).is_file():
-        if read_config(folder) != cfg.model:
+        if read_config(folder).without_layout() != model:
             raise ConfigError('save_folder', f'{folder} holds checkpoints of a different model config; '
                                              'use another save_folder')
         return
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
-        write_config(Path(tmp), cfg.model)
+        write_config(Path(tmp), model)
         os.replace(Path(tmp) / CONFIG_FILE, folder / CONFIG_FILE)
 
 

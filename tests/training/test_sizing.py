@@ -91,7 +91,8 @@ def test_a_layout_that_cannot_fit_is_one_line_with_both_numbers_and_the_smallest
     check_fits(config, Layout(smallest), on_cpu, host, 0)
 
     # Every rank building the whole model first: more ranks cannot help, meta can.
-    with pytest.raises(UserError, match='more ranks cannot help: use init_device: meta'):
+    with pytest.raises(UserError, match='more ranks cannot help, each builds the whole model: use init_device: meta; '
+                                        f'then the smallest layout that fits is world size {smallest} '):
         check_fits(config, Layout(smallest), dataclasses.replace(on_cpu, builds_whole_model=True), host, 0)
     on_gpu = dataclasses.replace(on_cpu, on_gpu=True)
     with pytest.raises(UserError, match=r'rank 0 needs at least [\d.,]+ GiB on its GPU, which has 80.0 GiB'):

@@ -3,8 +3,10 @@ autoresume: test_autoresume.py)."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -97,19 +99,25 @@ def test_meta_initialisation_without_fsdp_config_is_one_line_naming_the_key():
         parse(TrainConfig, load_yaml(CONFIG, ['init_device=meta', 'fsdp_config=null']))
 
 
-def test_expert_parallel_processes_match_one_process(tiny_corpus, reference, tmp_path):
-    # Each of the 2 ranks owns 8 of the 16 experts of each layer; tokens travel to them.
-    # Built on meta: each rank materialises and initialises only its shards, the weights of one process.
+@pytest.fixture(scope='module')
+def expert_parallel_run(tiny_corpus, tmp_path_factory) -> Path:
+    """2 ranks, each owning 8 of the 16 experts of each layer, built on meta: each rank materialises
+    and initialises only its shards, the weights of one process."""
+    run_dir = tmp_path_factory.mktemp('expert_parallel')
     settings = {'model.ffn_config.moe_world_size': 2, 'init_device': 'meta'}
-    run(tiny_overrides(tiny_corpus, tmp_path, **settings), processes=2, log_dir=tmp_path)
+    run(tiny_overrides(tiny_corpus, run_dir, **settings), processes=2, log_dir=run_dir)
+    return run_dir
+
+
+def test_expert_parallel_processes_match_one_process(expert_parallel_run, reference):
     for key in ('loss/train/lm', 'loss/train/moe_aux'):
-        one, two = losses(reference / 'metrics.jsonl', key), losses(tmp_path / 'metrics.jsonl', key)
+        one, two = losses(reference / 'metrics.jsonl', key), losses(expert_parallel_run / 'metrics.jsonl', key)
         assert sorted(two) == sorted(one)
         for step in one:
             assert two[step] == pytest.approx(one[step], rel=1e-4), (key, step)
-    rows = losses(tmp_path / 'metrics.jsonl', 'moe/all_to_all_rows')
-    sent = losses(tmp_path / 'metrics.jsonl', 'moe/all_to_all_bytes')
-    share = losses(tmp_path / 'metrics.jsonl', 'moe/ep_busiest_rank_share')
+    rows = losses(expert_parallel_run / 'metrics.jsonl', 'moe/all_to_all_rows')
+    sent = losses(expert_parallel_run / 'metrics.jsonl', 'moe/all_to_all_bytes')
+    share = losses(expert_parallel_run / 'metrics.jsonl', 'moe/ep_busiest_rank_share')
     assert sorted(rows) == sorted(sent) == sorted(share) and len(rows) == STEPS
     for step in rows:
         assert rows[step] > 0
@@ -119,10 +127,26 @@ def test_expert_parallel_processes_match_one_process(tiny_corpus, reference, tmp
 
     # Its sharded checkpoint (DCP, expert weights as Shard(0) DTensors) loads without any process
     # group into whole experts, and predicts as the one-process run's last checkpoint does.
-    ours, theirs = (dbrx_train.load_pretrained(run_dir / 'checkpoints') for run_dir in (tmp_path, reference))
+    ours, theirs = (dbrx_train.load_pretrained(run_dir / 'checkpoints') for run_dir in (expert_parallel_run, reference))
     assert ours.blocks[0].ffn.experts.w1.shape == (16 * 96, 64)
     tokens = torch.tensor([[100257, 1, 2, 3]])
     torch.testing.assert_close(ours(tokens), theirs(tokens), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize('saved_by,moe_world_size', [('expert_parallel_run', 1), ('reference_two_ranks', 2)])
+def test_a_run_resumes_with_another_expert_parallel_degree(request, tiny_corpus, reference, tmp_path, saved_by,
+                                                           moe_world_size):
+    """The layout is not the model: the sharded checkpoint at step 4 of a 2-rank run with
+    moe_world_size 2 resumes with 1, and one of moe_world_size 1 with 2 (weights and AdamW state
+    resharded); every later loss is the uninterrupted run's."""
+    shutil.copytree(request.getfixturevalue(saved_by) / 'checkpoints', tmp_path / 'checkpoints', symlinks=True,
+                    ignore=shutil.ignore_patterns('ep0-ba6'))
+    settings = {'model.ffn_config.moe_world_size': moe_world_size, 'autoresume': True}
+    run(tiny_overrides(tiny_corpus, tmp_path, **settings), processes=2, log_dir=tmp_path)
+    resumed, uninterrupted = losses(tmp_path / 'metrics.jsonl'), losses(reference / 'metrics.jsonl')
+    assert sorted(resumed) == [4, 5]
+    for step in resumed:
+        assert resumed[step] == pytest.approx(uninterrupted[step], rel=1e-4), step
 
 
 def test_a_quantized_model_section_is_refused_for_training():
