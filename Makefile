@@ -31,6 +31,7 @@ bench: $(STAMP)
 	$(PY) bench/bench_long_context.py
 	$(PY) bench/bench_spark_prep.py
 	$(PY) bench/bench_init.py
+	$(PY) bench/bench_init_memory.py
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

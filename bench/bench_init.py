@@ -9,7 +9,6 @@ Run: `.venv/bin/python bench/bench_init.py` (about a minute; one thread, as a ra
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import platform
 import subprocess
