@@ -56,13 +56,12 @@ def log(*parts) -> None:
 
 def shard_layout(model, moe_world_size: int, optimizer_factory):
     """`model` laid out as the trainer lays it out (`training.parallelize`), then its optimizer."""
-    from dbrx_train.training.config import TrainConfig
+    from dbrx_train.training.config import layout_only
     from dbrx_train.training.parallelize import build_mesh, parallelize
 
     config = dataclasses.replace(model.config, ffn_config=dataclasses.replace(model.config.ffn_config,
                                                                               moe_world_size=moe_world_size))
-    cfg = TrainConfig(model=config, train_loader={'dataset': {'local': 'unused'}}, max_duration='1ba',
-                      global_train_batch_size=WORLD)
+    cfg = layout_only(config, global_train_batch_size=WORLD)
     parallelize(model, cfg, build_mesh(cfg, WORLD, 'cpu'))
     return optimizer_factory(model.parameters())
 

@@ -29,8 +29,8 @@ sys.path.insert(0, str(REPO))
 
 from dbrx_train.info import load_model_config  # noqa: E402
 from dbrx_train.model.dbrx import DbrxLM  # noqa: E402
-from dbrx_train.model.init import local_tensor  # noqa: E402
-from dbrx_train.training.config import TrainConfig  # noqa: E402
+from dbrx_train.model.init import local_part  # noqa: E402
+from dbrx_train.training.config import layout_only  # noqa: E402
 from dbrx_train.training.parallelize import build_mesh, parallelize  # noqa: E402
 from dbrx_train.training.sizing import model_numel  # noqa: E402
 from tests.spawn import run_ranks  # noqa: E402
@@ -50,10 +50,9 @@ def peak_rss_bytes() -> int:
 
 def on_rank(config, init_device: str) -> dict:
     model = DbrxLM(config, device=init_device, seed=0)
-    cfg = TrainConfig(model=config, train_loader={'dataset': {'local': 'unused'}}, max_duration='1ba',
-                      global_train_batch_size=WORLD, init_device=init_device)
+    cfg = layout_only(config, global_train_batch_size=WORLD, init_device=init_device)
     parallelize(model, cfg, build_mesh(cfg, WORLD, 'cpu'))
-    return {'peak': peak_rss_bytes(), 'shards': sum(local_tensor(p).nbytes for p in model.parameters())}
+    return {'peak': peak_rss_bytes(), 'shards': sum(local_part(p).nbytes for p in model.parameters())}
 
 
 def mem_available_bytes() -> int:
