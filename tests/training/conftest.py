@@ -88,5 +88,7 @@ def reference_two_ranks(tiny_corpus, tmp_path_factory) -> Path:
     Biases offline: the losses every other two-rank run must reproduce."""
     run_dir = tmp_path_factory.mktemp('reference_two_ranks')
     wandb = f'{{project: dbrx-test, init_kwargs: {{dir: {run_dir}}}}}'
-    run(tiny_overrides(tiny_corpus, run_dir, **{'loggers.wandb': wandb}), processes=2, log_dir=run_dir)
+    # Every checkpoint kept: a run resumes from the one of step 4 with another layout (test_train.py).
+    run(tiny_overrides(tiny_corpus, run_dir, save_num_checkpoints_to_keep=-1, **{'loggers.wandb': wandb}), processes=2,
+        log_dir=run_dir)
     return run_dir

@@ -104,8 +104,8 @@ def expert_parallel_run(tiny_corpus, tmp_path_factory) -> Path:
     """2 ranks, each owning 8 of the 16 experts of each layer, built on meta: each rank materialises
     and initialises only its shards, the weights of one process."""
     run_dir = tmp_path_factory.mktemp('expert_parallel')
-    settings = {'model.ffn_config.moe_world_size': 2, 'init_device': 'meta'}
-    run(tiny_overrides(tiny_corpus, run_dir, **settings), processes=2, log_dir=run_dir)
+    settings = {'model.ffn_config.moe_world_size': 2, 'init_device': 'meta', 'save_num_checkpoints_to_keep': -1}
+    run(tiny_overrides(tiny_corpus, run_dir, **settings), processes=2, log_dir=run_dir, timeout=600)
     return run_dir
 
 
@@ -139,10 +139,11 @@ def test_a_run_resumes_with_another_expert_parallel_degree(request, tiny_corpus,
     """The layout is not the model: the sharded checkpoint at step 4 of a 2-rank run with
     moe_world_size 2 resumes with 1, and one of moe_world_size 1 with 2 (weights and AdamW state
     resharded); every later loss is the uninterrupted run's."""
-    shutil.copytree(request.getfixturevalue(saved_by) / 'checkpoints', tmp_path / 'checkpoints', symlinks=True,
-                    ignore=shutil.ignore_patterns('ep0-ba6'))
+    saved = request.getfixturevalue(saved_by) / 'checkpoints'
+    assert (saved / 'ep0-ba4' / '.metadata').is_file()
+    shutil.copytree(saved, tmp_path / 'checkpoints', symlinks=True, ignore=shutil.ignore_patterns('ep0-ba6'))
     settings = {'model.ffn_config.moe_world_size': moe_world_size, 'autoresume': True}
-    run(tiny_overrides(tiny_corpus, tmp_path, **settings), processes=2, log_dir=tmp_path)
+    run(tiny_overrides(tiny_corpus, tmp_path, **settings), processes=2, log_dir=tmp_path, timeout=600)
     resumed, uninterrupted = losses(tmp_path / 'metrics.jsonl'), losses(reference / 'metrics.jsonl')
     assert sorted(resumed) == [4, 5]
     for step in resumed:
