@@ -25,7 +25,7 @@ from dbrx_train.model.config import ModelConfig
 from dbrx_train.model.generation import generate
 from dbrx_train.model.loss import linear_cross_entropy, load_balancing_loss
 from dbrx_train.model.init import init_normal_, local_part
-from dbrx_train.model.moe import Experts, build_experts, run_experts
+from dbrx_train.model.moe import build_experts, run_experts
 from dbrx_train.model.quantize import quantize
 
 NORM_EPS = 1e-5
