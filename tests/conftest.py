@@ -52,6 +52,43 @@ def streaming_shm():
     clean_stale_shared_memory()
 
 
+def _release_blocks(created: list, opened: list) -> None:
+    for shm in created:
+        try:
+            shm.close()
+            shm.unlink()
+        except (BufferError, FileNotFoundError):
+            pass
+    for shm in opened:
+        try:
+            shm.close()
+        except BufferError:
+            pass
+
+
+@pytest.fixture(autouse=True, scope='session')
+def _streaming_shared_memory_released_with_its_dataset():
+    """Streaming's `SharedMemory` registers `atexit.register(self.cleanup)`, which keeps every block
+    a process ever created or attached to (a descriptor and a mapping each, and the blocks of every
+    earlier dataset, which each new dataset attaches to while choosing its prefix) alive until the
+    process exits. The suite builds hundreds of datasets in one process and ran out of descriptors
+    (20000) on a clean machine. Here the same cleanup runs when the object is collected instead."""
+    import weakref
+
+    from streaming.base.shared import memory
+
+    original = memory.SharedMemory.__init__
+
+    def init(self, name=None, create=None, size=0, auto_cleanup=True):
+        original(self, name, create, size, auto_cleanup=False)
+        if auto_cleanup:
+            weakref.finalize(self, _release_blocks, self.created_shms, self.opened_shms)
+
+    memory.SharedMemory.__init__ = init
+    yield
+    memory.SharedMemory.__init__ = original
+
+
 @pytest.fixture(autouse=True, scope='session')
 def _one_torch_thread():
     """Tiny test models gain nothing from intra-op threads, and the suite shares 2 cores."""
