@@ -89,6 +89,29 @@ def _streaming_shared_memory_released_with_its_dataset():
     memory.SharedMemory.__init__ = original
 
 
+_DIST_ENV = ('WORLD_SIZE', 'RANK', 'LOCAL_RANK', 'LOCAL_WORLD_SIZE', 'NODE_RANK', 'MASTER_ADDR', 'MASTER_PORT')
+
+
+@pytest.fixture(autouse=True)
+def _no_process_group_or_rank_variables_leak():
+    """A test that starts torch.distributed in the test process (Composer sets the rank variables
+    as it does) must not hand its default process group or its WORLD_SIZE to the tests after it:
+    launchers read those variables from the environment they inherit."""
+    import os
+
+    import torch.distributed as dist
+
+    before = {key: os.environ.get(key) for key in _DIST_ENV}
+    yield
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    for key, value in before.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
 @pytest.fixture(autouse=True, scope='session')
 def _one_torch_thread():
     """Tiny test models gain nothing from intra-op threads, and the suite shares 2 cores."""

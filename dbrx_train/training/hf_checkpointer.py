@@ -28,6 +28,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from dbrx_train.chat_template import ChatTemplateName
 from dbrx_train.checkpoints.export import state_dict_tensors, write_transformers_dir
 from dbrx_train.errors import ConfigError
+from dbrx_train.uri import is_remote
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ class HFCheckpointer(Callback):
     def __init__(self, save_folder: str, save_interval: str | int, precision: str = 'float32',
                  overwrite: bool = True, chat_template: ChatTemplateName = 'chatml',
                  model_max_length: int | None = None):
-        if '://' in save_folder:
+        if is_remote(save_folder):
             raise ConfigError('callbacks.hf_checkpointer.save_folder', 'only a local folder is supported here, '
                                                                        f'got {save_folder}')
         if precision not in PRECISIONS:

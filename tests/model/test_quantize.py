@@ -38,7 +38,7 @@ def trained_model():
     cycle = torch.randperm(VOCAB, generator=torch.Generator().manual_seed(0))[:24]
     ids = cycle.repeat(3)[None, :64].expand(2, -1)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for _ in range(30):
+    for _ in range(60):
         model.loss(ids).loss.backward()
         opt.step()
         opt.zero_grad()
