@@ -24,6 +24,7 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/bench_model.py
 	$(PY) bench/bench_inference.py
+	$(PY) bench/bench_quality.py
 	$(PY) bench/bench_trainer.py
 	$(PY) bench/bench_serve.py
 	$(PY) bench/bench_curriculum.py

@@ -1,23 +1,20 @@
 """Inference in fp32, bf16, weight-only int8 and int4 (groups of 128) against transformers' fp32 and bf16
-`generate`, with the memory-bandwidth ceiling of batch-1 decoding and what quantization costs in quality.
+`generate`, with the memory-bandwidth ceiling of batch-1 decoding (what quantization costs in quality:
+bench/bench_quality.py).
 
-    .venv/bin/python bench/bench_inference.py [--quick] [--only peak decode quality] [--checkpoint DIR] [--json PATH]
+    .venv/bin/python bench/bench_inference.py [--quick] [--only peak decode] [--json PATH]
 
 - peak: the fp32 and bf16 matmul rates of this CPU, and the bandwidth a large matrix-vector product reaches.
 - decode: batch-1 greedy tokens/s, same weights, all variants in turns (medians), on the bench config and on a
   d_model 256 / 4-layer config; each with the bytes one step reads and the share of the ceiling it reaches.
   "compiled" variants decode with the static-shape cache and the torch.compile'd step
   (`dbrx_train.model.decode`); their compile time is the first run minus the median.
-- quality: perplexity on a held-out stream of the embedded corpus (code documents past the corpus's token cap,
-  never trained on; the docstring stream is used whole) and top-1 agreement with fp32, from a trained checkpoint
-  (`make demo` writes runs/dbrx-tiny).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import math
 import os
 import statistics
 import sys
@@ -34,9 +31,8 @@ from dbrx_train.model.quantize import quantize
 from dbrx_train.training.hardware import cpu_bf16_support, matmul_peak_flops
 
 THREADS = 2
-SECTIONS = ('peak', 'decode', 'quality')
+SECTIONS = ('peak', 'decode')
 PROMPT_LEN = 16
-DEMO_CHECKPOINT = Path('runs/dbrx-tiny/checkpoints')
 # (name, dtype, quantization) of our variants; transformers runs the first two dtypes.
 OURS = (('fp32', torch.float32, None), ('bf16', torch.bfloat16, None), ('int8', torch.bfloat16, 'int8'),
         ('int4', torch.bfloat16, 'int4'))
@@ -48,11 +44,10 @@ HF = (('fp32', torch.float32), ('bf16', torch.bfloat16))
 class Settings:
     new_tokens: int
     repeats: int
-    quality_windows: int  # held-out windows of the checkpoint's max_seq_len per stream
 
 
-FULL = Settings(new_tokens=32, repeats=3, quality_windows=4)
-QUICK = Settings(new_tokens=8, repeats=1, quality_windows=1)
+FULL = Settings(new_tokens=32, repeats=3)
+QUICK = Settings(new_tokens=8, repeats=1)
 
 
 def ours_variant(model: DbrxLM, dtype: torch.dtype, method: str | None) -> DbrxLM:
@@ -140,63 +135,12 @@ def bench_decode(config, s: Settings, bandwidth: float) -> tuple[str, dict]:
     return '\n'.join(lines), result
 
 
-def held_out_windows(seq_len: int, count: int, stream: str = 'code') -> torch.Tensor:
-    """`count` windows of `seq_len` tokens from the embedded corpus's documents past its token cap:
-    text the corpus (and so the demo model) never saw. Only the code stream is longer than the cap."""
-    from dbrx_train.data.embedded_corpus import DEFAULT_MAX_TOKENS, EMBEDDED_STREAMS
-    from dbrx_train.tokenizer import get_encoding
-
-    encoding = get_encoding()
-    seen, tokens = 0, []
-    for document in EMBEDDED_STREAMS[stream]():
-        ids = encoding.encode_ordinary(document) + [encoding.eot_token]
-        if seen >= DEFAULT_MAX_TOKENS:
-            tokens += ids
-            if len(tokens) >= count * seq_len:
-                break
-        seen += len(ids)
-    if len(tokens) < count * seq_len:
-        raise RuntimeError(f'the {stream} stream has only {len(tokens)} held-out tokens')
-    return torch.tensor(tokens[: count * seq_len]).view(count, seq_len)
-
-
-@torch.inference_mode()
-def bench_quality(checkpoint: Path, s: Settings) -> tuple[str, dict]:
-    from dbrx_train.checkpoints import load_pretrained
-
-    base = load_pretrained(checkpoint)
-    seq_len = min(base.config.max_seq_len, 256)
-    windows = {'code': held_out_windows(seq_len, s.quality_windows)}
-    reference = {}
-    lines = ['| variant | stream | perplexity | change vs fp32 | top-1 agreement with fp32 |', '|---|---|--:|--:|--:|']
-    result = {}
-    for name, dtype, method in OURS:
-        model = ours_variant(base, dtype, method)
-        for stream, ids in windows.items():
-            logits = model(ids)[:, :-1].float()
-            nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
-            ppl = math.exp(nll.item())
-            top1 = logits.argmax(dim=-1)
-            if name == 'fp32':
-                reference[stream] = (ppl, top1)
-            ref_ppl, ref_top1 = reference[stream]
-            agreement = float((top1 == ref_top1).float().mean())
-            lines.append(f'| {name} | {stream} | {ppl:.2f} | {100 * (ppl / ref_ppl - 1):+.2f}% | {100 * agreement:.1f}% |')
-            result[f'{name} {stream}'] = {'perplexity': ppl, 'top1_agreement': agreement}
-    tokens = sum(ids.numel() for ids in windows.values())
-    lines.append('')
-    lines.append(f'- {checkpoint}: {tokens} held-out tokens ({s.quality_windows} windows of {seq_len}, '
-                 'teacher-forced); top-1 agreement: the share of positions whose argmax equals fp32\'s')
-    return '\n'.join(lines), result
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--quick', action='store_true', help='short runs (smoke test)')
     parser.add_argument('--only', nargs='+', choices=SECTIONS, default=SECTIONS)
     parser.add_argument('--configs', nargs='+', choices=('bench', 'small'), default=('bench', 'small'),
                         help='decode on the bench config, the d_model 256 one, or both')
-    parser.add_argument('--checkpoint', type=Path, default=DEMO_CHECKPOINT, help='trained model for the quality table')
     parser.add_argument('--json', type=Path)
     args = parser.parse_args(argv)
     s = QUICK if args.quick else FULL
@@ -223,13 +167,6 @@ def main(argv=None) -> None:
                   f'{ffn.moe_num_experts} experts top-{ffn.moe_top_k}, ffn {ffn.ffn_hidden_size}, vocab '
                   f'{config.vocab_size}; {PROMPT_LEN}+{s.new_tokens} tokens, medians of {s.repeats} runs in turns\n')
             print(table)
-    if 'quality' in args.only:
-        log(f'measuring quality on {args.checkpoint} ({time.perf_counter() - start:.0f}s so far)')
-        if not args.checkpoint.exists():
-            print(f'\n- quality: skipped, {args.checkpoint} does not exist (run `make demo` first)')
-        else:
-            table, payload['quality'] = bench_quality(args.checkpoint, s)
-            print(f'\n**Quality** (held-out perplexity and top-1 agreement with fp32)\n\n{table}')
     print(f'\n- CPU: torch.backends.cpu.get_cpu_capability() {torch.backends.cpu.get_cpu_capability()}, native bf16: '
           f'{cpu_bf16_support() or "none"}; load average {os.getloadavg()[0]:.1f} at the end')
     print(f'\n- {THREADS} threads; ceiling = matvec bandwidth / bytes a step reads; timings on a shared machine are '
