@@ -7,7 +7,10 @@ that Composer saves in checkpoints, so a resumed run continues with the very nex
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import signal
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,9 +24,12 @@ from torch.utils.data import DataLoader
 from dbrx_train.constants import IGNORE_INDEX
 from dbrx_train.data.text_to_mds import TOKENS_COLUMN
 from dbrx_train.errors import ConfigError
+from dbrx_train.object_store import CHECKED_SCHEMES, RemoteFolder
 from dbrx_train.tokenizer import PAD_ID
 from dbrx_train.typed_config import parse
+from dbrx_train.uri import is_remote
 
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 TokenEncoding = Literal['int8', 'int16', 'int32', 'int64', 'uint8', 'uint16', 'uint32', 'uint64']
 
 
@@ -119,8 +125,17 @@ class LoaderConfig:
         """The DataLoader's worker and memory options (the ones that only exist with workers, when set)."""
         options = {'num_workers': self.num_workers, 'pin_memory': self.pin_memory, 'timeout': self.timeout}
         if self.num_workers > 0:
-            options.update(prefetch_factor=self.prefetch_factor, persistent_workers=self.persistent_workers)
+            options.update(prefetch_factor=self.prefetch_factor, persistent_workers=self.persistent_workers,
+                           worker_init_fn=exit_with_parent)
         return options
+
+
+def exit_with_parent(worker_id: int) -> None:
+    """A DataLoader worker's init: the kernel kills the worker as soon as the process that started it
+    dies, `kill -9` included (PyTorch's own check of its parent runs only every 5 s, and only while
+    the worker waits), so a killed run leaves no workers on a node that is reused."""
+    if sys.platform.startswith('linux'):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 class TextDataset(StreamingDataset):
@@ -166,7 +181,9 @@ def resolve_max_seq_len(config: TextDatasetConfig, model_max_seq_len: int | None
 
 
 def check_local_data(config: TextDatasetConfig, key: str = 'train_loader.dataset') -> None:
-    """Fails with one line naming the stream when local-only data is not an MDS directory."""
+    """Fails with one line naming the stream when its data is not an MDS directory: locally, or in
+    an object store it cannot read (wrong key, missing bucket, unreachable endpoint, no index.json),
+    before the slow start-up."""
     if getattr(config, 'hf_name', None) is not None:
         return  # llm-foundry's hf_name: converted to MDS when the loader opens it (data/finetuning_source.py)
     if config.streams:
@@ -175,6 +192,9 @@ def check_local_data(config: TextDatasetConfig, key: str = 'train_loader.dataset
         located = {key: (config.local, config.remote, config.split)}
     for where, (local, remote, split) in located.items():
         if remote is not None:
+            if is_remote(remote) and remote.split('://', 1)[0] in CHECKED_SCHEMES:
+                folder = f'{remote.rstrip("/")}/{split}' if split else remote
+                RemoteFolder(folder).check_file('index.json', f'{where}.remote:')
             continue  # downloaded into `local` (a cache) when needed
         directory = Path(local) / split if split else Path(local)
         if not directory.is_dir():

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import shutil
 import signal
 import time
@@ -233,3 +234,86 @@ def test_without_a_complete_checkpoint_the_run_starts_from_scratch(tmp_path, cap
         assert resume_checkpoint(str(tmp_path), 'run', autoresume=True) is None
     assert 'ep0-ba2/.metadata is missing' in caplog.text and 'starting from scratch' in caplog.text
     assert not os.path.lexists(tmp_path / 'latest-rank0.pt')
+
+
+def test_one_process_resumes_two_ranks_and_two_ranks_resume_one_process(tiny_corpus, reference, tmp_path):
+    """1 -> 2 -> 1 processes: each resume converts the checkpoint to the layout it loads (full file
+    <-> sharded folder). Global batch 4 in micro-batches of 2 either way, so the same micro-batches."""
+    args = tiny_overrides(tiny_corpus, tmp_path, python_log_level='info', save_num_checkpoints_to_keep=-1)
+    folder, metrics = tmp_path / 'checkpoints', tmp_path / 'metrics.jsonl'
+
+    kill_when_paused(args, 'committed@2', tmp_path)  # one process: ep0-ba2-rank0.pt
+    before = line_count(metrics)
+    output = kill_when_paused(args, 'committed@4', tmp_path, processes=2)  # two ranks: ep0-ba4/
+    assert 'ep0-ba2-rank0.pt is full; this run loads sharded checkpoints: converting it' in output
+    resumed = logged_since(metrics, before)
+    assert sorted(resumed) == [2, 3]
+    assert_same_losses(resumed, reference)
+    assert (folder / 'ep0-ba4' / '.metadata').is_file()
+
+    before = line_count(metrics)
+    output = run(args)
+    assert 'ep0-ba4 is sharded; this run loads full checkpoints: converting it' in output
+    resumed = logged_since(metrics, before)
+    assert sorted(resumed) == [4, 5]
+    assert_same_losses(resumed, reference)
+
+
+def kill_at_random(args: list[str], run_dir: Path, rng: random.Random, metrics: Path, processes: int) -> None:
+    """Runs until a random moment (seeded): while it starts, or some way into a random step's
+    training, checkpoint write or rename; then SIGKILLs every process of the run."""
+    attempt = run_dir / f'attempt-{len(list(run_dir.glob("attempt-*")))}'
+    attempt.mkdir()
+    before, shared_memory_before = line_count(metrics), _shared_memory()
+    step, delay = rng.choice([None, 1, 2, 3, 4, 5]), rng.uniform(0, 1.5)
+    with open(attempt / 'output.txt', 'w') as output:
+        proc = launch(args, processes, attempt, stdout=output, start_new_session=True)
+        deadline = time.monotonic() + 600
+        while step is not None and _last_step(metrics, before) < step:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        time.sleep(delay * (5 if step is None else 1))  # a start-up kill: 0 to 7.5 s in
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    for name in _shared_memory() - shared_memory_before:
+        (SHARED_MEMORY / name).unlink(missing_ok=True)
+
+
+def _last_step(metrics: Path, lines_before: int) -> int:
+    """The last step logged since `lines_before` (-1: none yet; a line still being written is skipped)."""
+    try:
+        return max(logged_since(metrics, lines_before), default=-1)
+    except (ValueError, FileNotFoundError):
+        return -1
+
+
+def test_two_ranks_killed_at_random_moments_train_on_the_same_samples_with_the_same_losses(
+        tiny_corpus, reference_two_ranks, tmp_path):
+    args = tiny_overrides(tiny_corpus, tmp_path, python_log_level='info')  # sharded checkpoints at 2, 4 and 6
+    metrics = tmp_path / 'metrics.jsonl'
+    rng = random.Random(26)  # the kill moments: reproducible
+    for _ in range(3):
+        kill_at_random(args, tmp_path, rng, metrics, processes=2)
+    log_dir = tmp_path / 'last'
+    log_dir.mkdir()
+    run(args, processes=2, log_dir=log_dir, timeout=600)
+    assert_same_losses(losses(metrics), reference_two_ranks)
+    expected_batches = losses(reference_two_ranks / 'metrics.jsonl', 'data/batch_hash')
+    assert losses(metrics, 'data/batch_hash') == expected_batches and len(expected_batches) == STEPS
+
+
+def test_router_jitter_continues_with_the_random_state_the_checkpoint_saved(tiny_corpus, tmp_path):
+    """Composer never restores the RNG when the loader resumes itself mid-epoch; with router jitter
+    (random in every training step) a resumed run would then differ from an uninterrupted one."""
+    jitter = {'model.ffn_config.moe_jitter_eps': 0.1, 'max_duration': '4ba'}
+    uninterrupted = tmp_path / 'uninterrupted'
+    uninterrupted.mkdir()
+    run(tiny_overrides(tiny_corpus, uninterrupted, **jitter))
+    resumed = tmp_path / 'resumed'
+    resumed.mkdir()
+    args = tiny_overrides(tiny_corpus, resumed, **jitter)
+    kill_when_paused(args, 'committed@2', resumed)
+    run(args)
+    assert losses(resumed / 'metrics.jsonl') == losses(uninterrupted / 'metrics.jsonl')
