@@ -28,9 +28,17 @@ from composer.utils import dist, format_name_with_dist, reproducibility
 from dbrx_train.checkpoints.remote import RemoteCheckpoints
 from dbrx_train.checkpoints.saver import LATEST, STAGING, checkpoints, point_latest
 from dbrx_train.errors import UserError
+from dbrx_train.object_store import RemoteFolder
 from dbrx_train.uri import is_remote
 
 log = logging.getLogger(__name__)
+
+
+def check_save_folder(save_folder: str | None, run_name: str) -> None:
+    """An object-store save_folder that cannot be listed (wrong key, missing bucket, unreachable
+    endpoint) is one line naming it, before the slow start-up; local or no save_folder: nothing."""
+    if save_folder is not None and is_remote(save_folder):
+        RemoteFolder(format_name_with_dist(save_folder, run_name)).check_access('save_folder')
 
 
 def resume_checkpoint(save_folder: str, run_name: str, autoresume: bool,

@@ -7,10 +7,7 @@ that Composer saves in checkpoints, so a resumed run continues with the very nex
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
-import signal
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,12 +21,12 @@ from torch.utils.data import DataLoader
 from dbrx_train.constants import IGNORE_INDEX
 from dbrx_train.data.text_to_mds import TOKENS_COLUMN
 from dbrx_train.errors import ConfigError
+from dbrx_train.lifetime import dataloader_worker_init
 from dbrx_train.object_store import CHECKED_SCHEMES, RemoteFolder
 from dbrx_train.tokenizer import PAD_ID
 from dbrx_train.typed_config import parse
 from dbrx_train.uri import is_remote
 
-_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 TokenEncoding = Literal['int8', 'int16', 'int32', 'int64', 'uint8', 'uint16', 'uint32', 'uint64']
 
 
@@ -126,16 +123,8 @@ class LoaderConfig:
         options = {'num_workers': self.num_workers, 'pin_memory': self.pin_memory, 'timeout': self.timeout}
         if self.num_workers > 0:
             options.update(prefetch_factor=self.prefetch_factor, persistent_workers=self.persistent_workers,
-                           worker_init_fn=exit_with_parent)
+                           worker_init_fn=dataloader_worker_init)
         return options
-
-
-def exit_with_parent(worker_id: int) -> None:
-    """A DataLoader worker's init: the kernel kills the worker as soon as the process that started it
-    dies, `kill -9` included (PyTorch's own check of its parent runs only every 5 s, and only while
-    the worker waits), so a killed run leaves no workers on a node that is reused."""
-    if sys.platform.startswith('linux'):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 class TextDataset(StreamingDataset):

@@ -14,12 +14,15 @@ import time
 import uuid
 from pathlib import Path
 
+import pytest
+
+from dbrx_train import train as train_entry
 from dbrx_train.checkpoints import load_pretrained
 from dbrx_train.checkpoints.saver import PAUSE_ENV
 from dbrx_train.data.shared_memory import remove_stale_shared_memory
 
-from tests.training.conftest import launch, losses, run, tiny_overrides
-from tests.training.test_autoresume import assert_same_losses, kill_when_paused, line_count, logged_since
+from tests.training.conftest import CONFIG, launch, losses, run, tiny_overrides
+from tests.training.test_autoresume import assert_same_losses, kill_when_paused, line_count, live_processes, logged_since
 
 
 def s3_overrides(corpus: Path, s3_corpus: str, bucket: str, run_dir: Path, **extra) -> tuple[list[str], str]:
@@ -117,29 +120,31 @@ def test_no_process_of_a_killed_run_remains(tiny_corpus, s3, s3_corpus, tmp_path
             assert proc.poll() is None, output.read_text()[-3000:]
             assert time.monotonic() < deadline, 'the writer never paused'
             time.sleep(0.05)
-        assert len(_members(group)) >= 3  # the run, its two DataLoader workers (and multiprocessing's resource tracker)
+        assert len(live_processes(group)) >= 3  # the run, its two DataLoader workers (and multiprocessing's resource tracker)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
         deadline = time.monotonic() + 5
-        while _members(group) and time.monotonic() < deadline:
+        while live_processes(group) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert _members(group) == []
+        assert live_processes(group) == []
     finally:
-        for pid in _members(group):
+        for pid in live_processes(group):
             os.kill(pid, signal.SIGKILL)
         proc.wait()
         remove_stale_shared_memory()  # the killed run's
 
 
-def _members(group: int) -> list[int]:
-    """The live (not zombie) processes of a process group."""
-    found = []
-    for pid in filter(str.isdigit, os.listdir('/proc')):
-        try:
-            with open(f'/proc/{pid}/stat') as f:
-                fields = f.read().rsplit(')', 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == group and fields[0] != 'Z':
-            found.append(int(pid))
-    return found
+@pytest.mark.parametrize('problem', ['wrong key', 'missing bucket'])
+def test_a_save_folder_it_cannot_reach_is_one_line_naming_it_before_anything_is_built(
+        tiny_corpus, s3, tmp_path, monkeypatch, capsys, problem):
+    bucket = s3.bucket if problem == 'wrong key' else 'no-such-bucket'
+    if problem == 'wrong key':
+        monkeypatch.setenv('AWS_SECRET_ACCESS_KEY', 'wrong')
+    uri = f's3://{bucket}/runs/unreachable'
+    monkeypatch.setattr(train_entry, 'build_trainer', lambda cfg: pytest.fail('the trainer was built first'))
+    with pytest.raises(SystemExit) as exit_info:
+        train_entry.main([str(CONFIG), *tiny_overrides(tiny_corpus, tmp_path, save_folder=uri)])
+    assert exit_info.value.code == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f'error: save_folder {uri}: cannot list it (')
+    assert ('SignatureDoesNotMatch' if problem == 'wrong key' else 'NoSuchBucket') in line
