@@ -43,15 +43,15 @@ def remove_stale_shared_memory(shared_memory: Path = SHARED_MEMORY, lock_folder:
     locks = [p for p in _entries(lock_folder) if LOCK_FILE.fullmatch(p.name) and _owned_by(p, uid)]
     if not blocks and not locks:
         return 0
-    held = _files_held_open()
+    held = files_held_open()
     removed = 0
     for block in blocks:
-        if _identity(block) not in held:
+        if file_identity(block) not in held:
             block.unlink(missing_ok=True)
             removed += 1
     live_prefixes = {p.name[:6] for p in _entries(shared_memory) if BLOCK.fullmatch(p.name)}
     for lock in locks:
-        if lock.name[:6] not in live_prefixes and _identity(lock) not in held:
+        if lock.name[:6] not in live_prefixes and file_identity(lock) not in held:
             lock.unlink(missing_ok=True)
     if removed:
         log.warning('removed %d stale Streaming shared-memory blocks of runs that are gone from %s', removed,
@@ -74,7 +74,7 @@ def _entries(folder: Path) -> list[Path]:
         return []
 
 
-def _identity(path: Path) -> tuple[int, int] | None:
+def file_identity(path: Path) -> tuple[int, int] | None:
     try:
         info = path.lstat()
     except OSError:
@@ -89,7 +89,7 @@ def _owned_by(path: Path, uid: int) -> bool:
         return False
 
 
-def _files_held_open() -> set[tuple[int, int]]:
+def files_held_open() -> set[tuple[int, int]]:
     """(device, inode) of every file a process holds open or mapped, as far as /proc shows this user
     (a block of this user, created mode 0600, can only be held by processes of this user). By inode,
     not name: a process may hold an unlinked block whose name a later one reuses."""

@@ -3,6 +3,7 @@ number, and what a live process holds is kept."""
 
 from __future__ import annotations
 
+import gc
 import os
 from pathlib import Path
 
@@ -68,3 +69,22 @@ def test_stale_prefixes_with_gaps_are_removed_and_held_blocks_kept(write_mds, ca
     datasets = [TextDataset(TextDatasetConfig(local=str(local), max_seq_len=32)) for _ in range(2)]
     assert _held_by_this_process(stale_files) == 0
     del datasets
+
+
+def test_descriptors_stay_flat_as_datasets_come_and_go_after_killed_runs(write_mds):
+    """A killed run's prefixes, with a gap, then datasets built one after another in this long-lived
+    process: once the stale blocks are removed, the open descriptors do not grow with each dataset."""
+    first, _gap, second = _free_prefixes(3)
+    stale = [*_leave_blocks(first), *_leave_blocks(second)]
+    stale_files = {(block.stat().st_dev, block.stat().st_ino) for block in stale}
+    remove_stale_shared_memory()
+    local, _ = write_mds([f'document {i} ' * 20 for i in range(20)], 'mds', 32)
+    counts = []
+    for _ in range(3):
+        dataset = TextDataset(TextDatasetConfig(local=str(local), max_seq_len=32))
+        assert dataset[0]['input_ids'].numel() == 32
+        assert _held_by_this_process(stale_files) == 0
+        del dataset
+        gc.collect()
+        counts.append(len(os.listdir('/proc/self/fd')))
+    assert counts[1:] == counts[:-1], counts

@@ -22,6 +22,7 @@ import torch
 
 from dbrx_train.checkpoints.autoresume import incomplete, resume_checkpoint
 from dbrx_train.checkpoints.saver import PAUSE_ENV, STAGING
+from dbrx_train.data.shared_memory import file_identity, files_held_open
 
 from tests.training.conftest import curriculum_log, launch, losses, run, tiny_overrides
 
@@ -266,7 +267,7 @@ def kill_at_random(args: list[str], run_dir: Path, rng: random.Random, metrics: 
     preempted node would, and checks that its ranks (and their workers) die with it within seconds."""
     attempt = run_dir / f'attempt-{len(list(run_dir.glob("attempt-*")))}'
     attempt.mkdir()
-    before, shared_memory_before = line_count(metrics), _shared_memory()
+    before = line_count(metrics)
     step, delay = rng.choice([None, 1, 2, 3, 4, 5]), rng.uniform(0, 1.5)
     with open(attempt / 'output.txt', 'w') as output:
         proc = launch(args, processes, attempt, stdout=output, start_new_session=True)
@@ -288,8 +289,6 @@ def kill_at_random(args: list[str], run_dir: Path, rng: random.Random, metrics: 
         finally:
             for pid in live_processes(group):
                 os.kill(pid, signal.SIGKILL)
-    for name in _shared_memory() - shared_memory_before:
-        (SHARED_MEMORY / name).unlink(missing_ok=True)
 
 
 def live_processes(group: int) -> list[int]:
@@ -322,11 +321,21 @@ def test_two_ranks_killed_at_random_moments_train_on_the_same_samples_with_the_s
     args = tiny_overrides(tiny_corpus, tmp_path, python_log_level='info', save_num_checkpoints_to_keep=2)
     metrics = tmp_path / 'metrics.jsonl'
     rng = random.Random(26)  # the kill moments: reproducible
-    for _ in range(KILLS):
-        kill_at_random(args, tmp_path, rng, metrics, processes=2)
-    log_dir = tmp_path / 'last'
-    log_dir.mkdir()
-    run(args, processes=2, log_dir=log_dir, timeout=600)
+    shared_memory_before = _shared_memory()
+    try:
+        # The killed runs' Streaming shared memory stays in /dev/shm: each next start removes it.
+        for _ in range(KILLS):
+            kill_at_random(args, tmp_path, rng, metrics, processes=2)
+        log_dir = tmp_path / 'last'
+        log_dir.mkdir()
+        run(args, processes=2, log_dir=log_dir, timeout=600)
+        # Nothing of the dead runs is left (what a live process holds, another job's, may be there).
+        held = files_held_open()
+        assert [name for name in _shared_memory() - shared_memory_before
+                if (SHARED_MEMORY / name).exists() and file_identity(SHARED_MEMORY / name) not in held] == []
+    finally:
+        for name in _shared_memory() - shared_memory_before:
+            (SHARED_MEMORY / name).unlink(missing_ok=True)
     expected_losses = losses(reference_two_ranks / 'metrics.jsonl')
     expected_batches = losses(reference_two_ranks / 'metrics.jsonl', 'data/batch_hash')
     assert len(expected_batches) == STEPS
