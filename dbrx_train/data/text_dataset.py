@@ -25,7 +25,7 @@ from dbrx_train.lifetime import dataloader_worker_init
 from dbrx_train.object_store import CHECKED_SCHEMES, RemoteFolder
 from dbrx_train.tokenizer import PAD_ID
 from dbrx_train.typed_config import parse
-from dbrx_train.uri import is_remote
+from dbrx_train.uri import scheme
 
 TokenEncoding = Literal['int8', 'int16', 'int32', 'int64', 'uint8', 'uint16', 'uint32', 'uint64']
 
@@ -181,7 +181,7 @@ def check_local_data(config: TextDatasetConfig, key: str = 'train_loader.dataset
         located = {key: (config.local, config.remote, config.split)}
     for where, (local, remote, split) in located.items():
         if remote is not None:
-            if is_remote(remote) and remote.split('://', 1)[0] in CHECKED_SCHEMES:
+            if scheme(remote) in CHECKED_SCHEMES:
                 folder = f'{remote.rstrip("/")}/{split}' if split else remote
                 RemoteFolder(folder).check_file('index.json', f'{where}.remote:')
             continue  # downloaded into `local` (a cache) when needed
