@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -191,6 +193,10 @@ def s3(tmp_path_factory):
     server = s3_server.start(tmp_path_factory.mktemp('s3'))
     saved = {key: os.environ.get(key) for key in server.environment()}
     os.environ.update(server.environment())
+    # The node-local working folders and download caches of object-store runs (in the temporary
+    # folder, keyed by the endpoint): this session's are removed with its server.
+    local_folders = [Path(tempfile.gettempdir()) / name for name in ('dbrx_train-checkpoints', 'dbrx_train-downloads')]
+    earlier = {entry for folder in local_folders if folder.is_dir() for entry in folder.iterdir()}
     try:
         yield server
     finally:
@@ -200,6 +206,8 @@ def s3(tmp_path_factory):
             else:
                 os.environ[key] = value
         s3_server.stop(server)
+        for entry in {entry for folder in local_folders if folder.is_dir() for entry in folder.iterdir()} - earlier:
+            shutil.rmtree(entry, ignore_errors=True)
 
 
 @pytest.fixture(scope='session')
