@@ -33,6 +33,7 @@ bench: $(STAMP)
 	$(PY) bench/bench_spark_prep.py
 	$(PY) bench/bench_init.py
 	$(PY) bench/bench_init_memory.py
+	$(PY) bench/bench_remote_data.py
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

@@ -19,6 +19,7 @@ from dbrx_train.data.finetuning_to_mds import convert_finetuning_to_mds
 from dbrx_train.data.spark import add_spark_arguments, session_from_args
 from dbrx_train.data.spark_finetuning import convert_finetuning_with_spark
 from dbrx_train.errors import cli_entry
+from dbrx_train.object_store import local_output
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -47,10 +48,11 @@ def main(argv: list[str] | None = None) -> None:
                 on_bad_line=args.on_bad_line, overwrite=args.overwrite, compression=compression,
             )
     else:
-        stats = convert_finetuning_to_mds(
-            args.inputs, args.out, eval_fraction=args.eval_fraction, seed=args.seed, on_bad_line=args.on_bad_line,
-            hf_split=args.hf_split, overwrite=args.overwrite, compression=compression,
-        )
+        with local_output(args.out, args.overwrite) as out:  # an object-store --out: written here, then uploaded
+            stats = convert_finetuning_to_mds(
+                args.inputs, out, eval_fraction=args.eval_fraction, seed=args.seed, on_bad_line=args.on_bad_line,
+                hf_split=args.hf_split, overwrite=args.overwrite, compression=compression,
+            )
     splits = ', '.join(f'{split}: {n} examples, {stats.tokens[split]} tokens' for split, n in stats.examples.items())
     skipped = f'; {stats.bad_lines} bad lines skipped (listed above and in prep_info.json)' if stats.bad_lines else ''
     print(f'wrote {args.out} ({splits}; longest {stats.longest} tokens){skipped}')

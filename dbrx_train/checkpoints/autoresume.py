@@ -6,6 +6,11 @@ truncated `.pt`, a sharded folder missing a shard file or its `.metadata`, e.g. 
 that wrote in place), is reported in one line each and moved into `save_folder/partial-<UTC time>/`,
 never deleted. With `autoresume`, the newest complete checkpoint is the one to load, and `latest`
 points at it again.
+
+An object-store `save_folder` (`remote.py`) is listed instead: a checkpoint without its index
+object was cut off and is reported, never resumed; the newest indexed one is downloaded into the
+run's node-local working folder (by each node's local rank 0) and resumed from there. A folder
+that cannot be listed (wrong key, missing bucket, unreachable endpoint) is one line naming it.
 """
 
 from __future__ import annotations
@@ -15,22 +20,70 @@ import time
 import zipfile
 from pathlib import Path
 
-from composer.core import State
-from composer.utils import dist, format_name_with_dist
+from composer import Trainer
+from composer.core import Callback, State
+from composer.loggers import Logger
+from composer.utils import dist, format_name_with_dist, reproducibility
 
+from dbrx_train.checkpoints.remote import RemoteCheckpoints
 from dbrx_train.checkpoints.saver import LATEST, STAGING, checkpoints, point_latest
+from dbrx_train.errors import UserError
+from dbrx_train.object_store import RemoteFolder
+from dbrx_train.uri import is_remote
 
 log = logging.getLogger(__name__)
 
 
-def resume_checkpoint(save_folder: str, run_name: str, autoresume: bool) -> str | None:
+def check_save_folder(save_folder: str | None, run_name: str) -> None:
+    """An object-store save_folder that cannot be listed (wrong key, missing bucket, unreachable
+    endpoint) is one line naming it, before the slow start-up; local or no save_folder: nothing."""
+    if save_folder is not None and is_remote(save_folder):
+        RemoteFolder(format_name_with_dist(save_folder, run_name)).check_access('save_folder')
+
+
+def resume_checkpoint(save_folder: str, run_name: str, autoresume: bool,
+                      remote: RemoteCheckpoints | None = None) -> str | None:
     """Moves partial checkpoints aside, and with `autoresume` returns the newest complete one (or
-    None: start from scratch). Rank 0 decides; every rank gets its answer."""
-    found = [None]
+    None: start from scratch). Rank 0 decides; every rank gets its answer. With `remote`,
+    `save_folder` is the local working folder the chosen checkpoint is downloaded into."""
+    found: list = [None]
     if dist.get_global_rank() == 0:
-        found[0] = _sweep(Path(format_name_with_dist(save_folder, run_name)), autoresume)
+        try:
+            found[0] = (_remote_choice(remote, autoresume) if remote is not None
+                        else _sweep(Path(format_name_with_dist(save_folder, run_name)), autoresume))
+        except UserError as e:
+            found[0] = e
     dist.broadcast_object_list(found, src=0)
-    return found[0]
+    if isinstance(found[0], UserError):
+        raise found[0]
+    if remote is None or found[0] is None:
+        return found[0]
+    local = Path(format_name_with_dist(save_folder, run_name))
+    if dist.get_local_rank() == 0:
+        local.mkdir(parents=True, exist_ok=True)
+        path = remote.download_checkpoint(found[0], local)
+        problem = incomplete(path)
+        if problem is not None:
+            raise UserError(f'{remote.uri}/{found[0].name}: downloaded, but {problem}')
+    dist.barrier()
+    return str(local / found[0].name)
+
+
+def _remote_choice(remote: RemoteCheckpoints, autoresume: bool):
+    remote.check_access('save_folder')
+    if not autoresume:
+        return None
+    complete, partial = remote.checkpoints()
+    for name in partial:
+        log.warning('checkpoint %s/%s is incomplete: not resumed', remote.uri, name)
+    if not complete:
+        log.log(logging.WARNING if partial else logging.INFO,
+                'autoresume: no complete checkpoint in %s: starting from scratch', remote.uri)
+        return None
+    newest = complete[-1]
+    log.log(logging.WARNING if partial else logging.INFO, 'autoresume: resuming from %s/%s (batch %d)',
+            remote.uri, newest.name, newest.batch)
+    return newest
 
 
 def _sweep(folder: Path, autoresume: bool) -> str | None:
@@ -123,3 +176,29 @@ def finished_at(state: State) -> str | None:
     if elapsed < state.max_duration:
         return None
     return f'{elapsed.value}{elapsed.unit.value}'
+
+
+def restore_rng(trainer: Trainer) -> None:
+    """Puts back the RNG state the loaded checkpoint saved, when Composer would not.
+
+    Composer restores it only at an epoch's first batch or while it spins the loader forward to
+    the resumed batch; a loader that resumes itself (`dataset_resumption`, as ours do) mid-epoch
+    never gets it, so anything random in training (router jitter) would differ from an
+    uninterrupted run after a resume. Restored once the first batch is fetched, as Composer's
+    spinning does: the DataLoader's iterator draws its seed from the RNG before that. Uses the
+    Trainer's private `_rng_state` (Composer 0.32.1).
+    """
+    if (trainer._rng_state is not None and trainer.state.dataset_resumption.get('train')
+            and int(trainer.state.timestamp.batch_in_epoch) > 0):
+        trainer.state.callbacks.append(_RestoreRngAtFirstBatch(trainer._rng_state))
+        trainer._rng_state = None
+
+
+class _RestoreRngAtFirstBatch(Callback):
+    def __init__(self, rng_state: list[dict]):
+        self.rng_state: list[dict] | None = rng_state
+
+    def after_dataloader(self, state: State, logger: Logger) -> None:
+        if self.rng_state is not None:
+            reproducibility.load_rng_state(self.rng_state)
+            self.rng_state = None

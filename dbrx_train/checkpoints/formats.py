@@ -5,6 +5,7 @@
     dbrx_train checkpoint          config.yaml + safetensors                `native`
     transformers DBRX directory    config.json + safetensors                `hf`
 
+Any `path` may be an object-store URI (`s3://...`): the model is downloaded first (`remote.py`).
 `open_saved(path)` tells the format from the files present and reads the model config (no
 weights). The `SavedModel` it returns reads the weights under this project's names, whatever the
 format, with a LoRA run's adapters merged into them:
@@ -34,12 +35,14 @@ from dbrx_train.checkpoints.composer import (
 )
 from dbrx_train.checkpoints.hf import hf_names, is_hf_directory, model_config_from_hf
 from dbrx_train.checkpoints.native import is_native_checkpoint, read_config
+from dbrx_train.checkpoints.remote import local_saved_model
 from dbrx_train.checkpoints.storage import StoredTensor, index_tensors, materialize, stream_tensors
 from dbrx_train.errors import CheckpointError
 from dbrx_train.model.config import ModelConfig
 from dbrx_train.model.dbrx import DbrxLM
 from dbrx_train.model.init import local_part, local_region
 from dbrx_train.model.quantize import quantize as quantize_model
+from dbrx_train.uri import is_remote
 
 NamedTensors = Iterator[tuple[str, torch.Tensor]]
 
@@ -148,7 +151,7 @@ FORMATS = (COMPOSER, NATIVE, HF)
 
 
 def detect_format(path: str | Path) -> Format:
-    path = Path(path)
+    path = local_saved_model(str(path)) if is_remote(path) else Path(path)
     if not path.exists():
         raise CheckpointError(f'{path} does not exist')
     for candidate in FORMATS:
@@ -159,8 +162,9 @@ def detect_format(path: str | Path) -> Format:
 
 
 def open_saved(path: str | Path) -> SavedModel:
-    """The format and model config of the model saved at `path`, without reading its weights."""
-    path = Path(path)
+    """The format and model config of the model saved at `path` (a local path, or a URI: downloaded
+    first), without reading its weights."""
+    path = local_saved_model(str(path)) if is_remote(path) else Path(path)
     kind = detect_format(path)
     return kind.opens_as(path, kind, kind.read_config(path))
 

@@ -8,9 +8,10 @@ then (after every rank finished writing) fsyncs and renames it into place, then 
 one `os.replace`, and only then lets `save_num_checkpoints_to_keep` delete older checkpoints.
 Anything still in `.incomplete/` on the next start was cut off mid-write (see `autoresume.py`).
 
-Object-store save folders keep Composer's own path: each object upload is atomic and Composer
-uploads the `latest` `.symlink` object only after it has checked that every file of the
-checkpoint is there.
+An object-store save folder (`remote.py`) gets the same order: every rank writes its files into a
+node-local working folder and uploads them, then (after every rank finished uploading) rank 0
+uploads the checkpoint's index, and only then are older checkpoints deleted, index first.
+Uploads run in the training process itself: no uploader process is left behind by a kill.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from composer.core import State
 from composer.loggers import Logger
 from composer.utils import checkpoint, dist, format_name_with_dist
 
+from dbrx_train.checkpoints.remote import INDEX, RemoteCheckpoints
 from dbrx_train.uri import is_remote
 
 log = logging.getLogger(__name__)
@@ -69,16 +71,21 @@ class AtomicCheckpointSaver(CheckpointSaver):
     and sharded (DCP) folders are exactly what Composer writes and loads.
     """
 
-    def __init__(self, folder: str, save_interval: str, num_checkpoints_to_keep: int, overwrite: bool):
+    def __init__(self, folder: str, save_interval: str, num_checkpoints_to_keep: int, overwrite: bool,
+                 remote: RemoteCheckpoints | None = None):
+        """`folder` is local; with `remote`, it is the working folder checkpoints are uploaded from."""
         if is_remote(folder):
             raise ValueError(f'{folder} is not a local folder')
+        self.remote = remote
         super().__init__(folder=folder, latest_filename=LATEST, remote_file_name=None,
                          latest_remote_file_name=None, save_interval=save_interval,
                          num_checkpoints_to_keep=num_checkpoints_to_keep, overwrite=overwrite)
 
     def fit_start(self, state: State, logger: Logger) -> None:
         super().fit_start(state, logger)
-        if dist.get_global_rank() == 0:
+        if self.remote is not None:
+            self.saved_checkpoints = self._remote_saved(state)
+        elif dist.get_global_rank() == 0:
             # Composer forgets on restart what earlier attempts saved; count those up to the resumed
             # batch as saved by this run, so save_num_checkpoints_to_keep keeps meaning "the last N".
             sharded = state.fsdp_sharded_state_dict_enabled
@@ -103,6 +110,9 @@ class AtomicCheckpointSaver(CheckpointSaver):
         sharded = state.fsdp_sharded_state_dict_enabled
         # A sharded checkpoint is the folder every rank wrote its file into; rank 0 moves it.
         whole = (lambda file: Path(file).parent) if sharded else Path
+        if self.remote is not None:
+            self._upload(state, staged, whole(final).name, sharded)
+            return
         if staged is not None and (not sharded or dist.get_global_rank() == 0):
             _commit(whole(staged), whole(final), overwrite=self.overwrite)
         dist.barrier()  # no rank goes on (or moves latest) before the checkpoint is in place
@@ -114,6 +124,59 @@ class AtomicCheckpointSaver(CheckpointSaver):
         self.saved_checkpoints.append(final)
         if self.num_checkpoints_to_keep >= 0:  # only now may older checkpoints go
             self._rotate_checkpoints(sharding_enabled=sharded)
+
+
+    # ------------------------------------------------------------ object-store save folders
+
+    def _remote_saved(self, state: State) -> list[str]:
+        """Like `fit_start` locally: the checkpoints earlier attempts uploaded, up to the resumed batch."""
+        if dist.get_local_rank() == 0:  # what a killed attempt left in the working folder is not uploaded
+            shutil.rmtree(Path(format_name_with_dist(self.folder, state.run_name)) / STAGING, ignore_errors=True)
+        dist.barrier()
+        names = [None]
+        if dist.get_global_rank() == 0:
+            complete, _ = self.remote.checkpoints()
+            names[0] = [c.name for c in complete if c.batch <= int(state.timestamp.batch)
+                        and c.sharded == state.fsdp_sharded_state_dict_enabled]
+        dist.broadcast_object_list(names, src=0)
+        return names[0]
+
+    def _upload(self, state: State, staged: str | None, name: str, sharded: bool) -> None:
+        rank = dist.get_global_rank()
+        if rank == 0:
+            self.remote.delete(name + INDEX)  # re-saved under the same name: incomplete until re-indexed
+        dist.barrier()
+        mine = []  # this rank's files, relative to the remote folder
+        if staged is not None:
+            staged = Path(staged)
+            files = [staged] if not sharded else sorted(staged.parent.glob(f'__{rank}_*.distcp'))
+            if sharded and rank == 0:
+                files.append(staged.parent / '.metadata')
+            for file in files:
+                relative = f'{name}/{file.name}' if sharded else name
+                self.remote.upload(file, relative)
+                mine.append(relative)
+        uploaded = dist.all_gather_object(mine)  # also: every rank has finished uploading
+        pause_for_test('uploaded', state)
+        if rank == 0:
+            self.remote.write_index(name, [f for files in uploaded for f in files])
+        dist.barrier()
+        pause_for_test('committed', state)
+        if staged is not None:  # the bucket holds it now
+            if sharded:
+                for file in staged.parent.glob(f'__{rank}_*.distcp'):
+                    file.unlink()
+                dist.barrier()
+                if rank == 0:
+                    shutil.rmtree(staged.parent)
+            else:
+                staged.unlink()
+        elif sharded:
+            dist.barrier()
+        self.saved_checkpoints.append(name)
+        if rank == 0 and self.num_checkpoints_to_keep > 0:  # only now may older checkpoints go
+            while len(self.saved_checkpoints) > self.num_checkpoints_to_keep:
+                self.remote.delete_checkpoint(self.saved_checkpoints.pop(0))
 
 
 def _commit(staged: Path, final: Path, overwrite: bool) -> None:
@@ -149,7 +212,8 @@ def pause_for_test(stage: str, state: State) -> None:
     """Tests only: with DBRX_TEST_CHECKPOINT_PAUSE=STAGE@BATCH,FLAG_FILE, global rank 0 creates
     FLAG_FILE at that stage of that batch's checkpoint and waits there to be killed, so a test's
     `kill -9` lands at a known point of the write ('staged': written, not yet in place;
-    'committed': in place, `latest` not yet moved)."""
+    'uploaded': every file in the object store, its index not yet; 'committed': in place, `latest`
+    not yet moved, or indexed, older checkpoints not yet deleted)."""
     wanted = os.environ.get(PAUSE_ENV)
     if not wanted or dist.get_global_rank() != 0:
         return

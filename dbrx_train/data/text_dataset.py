@@ -21,8 +21,11 @@ from torch.utils.data import DataLoader
 from dbrx_train.constants import IGNORE_INDEX
 from dbrx_train.data.text_to_mds import TOKENS_COLUMN
 from dbrx_train.errors import ConfigError
+from dbrx_train.lifetime import dataloader_worker_init
+from dbrx_train.object_store import CHECKED_SCHEMES, RemoteFolder
 from dbrx_train.tokenizer import PAD_ID
 from dbrx_train.typed_config import parse
+from dbrx_train.uri import scheme
 
 TokenEncoding = Literal['int8', 'int16', 'int32', 'int64', 'uint8', 'uint16', 'uint32', 'uint64']
 
@@ -119,7 +122,8 @@ class LoaderConfig:
         """The DataLoader's worker and memory options (the ones that only exist with workers, when set)."""
         options = {'num_workers': self.num_workers, 'pin_memory': self.pin_memory, 'timeout': self.timeout}
         if self.num_workers > 0:
-            options.update(prefetch_factor=self.prefetch_factor, persistent_workers=self.persistent_workers)
+            options.update(prefetch_factor=self.prefetch_factor, persistent_workers=self.persistent_workers,
+                           worker_init_fn=dataloader_worker_init)
         return options
 
 
@@ -166,7 +170,9 @@ def resolve_max_seq_len(config: TextDatasetConfig, model_max_seq_len: int | None
 
 
 def check_local_data(config: TextDatasetConfig, key: str = 'train_loader.dataset') -> None:
-    """Fails with one line naming the stream when local-only data is not an MDS directory."""
+    """Fails with one line naming the stream when its data is not an MDS directory: locally, or in
+    an object store it cannot read (wrong key, missing bucket, unreachable endpoint, no index.json),
+    before the slow start-up."""
     if getattr(config, 'hf_name', None) is not None:
         return  # llm-foundry's hf_name: converted to MDS when the loader opens it (data/finetuning_source.py)
     if config.streams:
@@ -175,6 +181,9 @@ def check_local_data(config: TextDatasetConfig, key: str = 'train_loader.dataset
         located = {key: (config.local, config.remote, config.split)}
     for where, (local, remote, split) in located.items():
         if remote is not None:
+            if scheme(remote) in CHECKED_SCHEMES:
+                folder = f'{remote.rstrip("/")}/{split}' if split else remote
+                RemoteFolder(folder).check_file('index.json', f'{where}.remote:')
             continue  # downloaded into `local` (a cache) when needed
         directory = Path(local) / split if split else Path(local)
         if not directory.is_dir():

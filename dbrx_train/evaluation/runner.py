@@ -16,6 +16,7 @@ from dbrx_train.builders import build_from_registry, register_ours, resolve_devi
 from dbrx_train.checkpoints import load_pretrained, open_saved
 from dbrx_train.composer_model import LM_METRICS, ComposerDbrx
 from dbrx_train.data import LoaderConfig, build_text_dataloader, check_local_data
+from dbrx_train.data.shared_memory import remove_stale_shared_memory_on_each_node
 from dbrx_train.evaluation.config import EvalConfig
 from dbrx_train.evaluation.gauntlet import gauntlet_scores
 from dbrx_train.evaluation.icl import build_icl_evaluators
@@ -45,6 +46,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, float]:
     register_ours()
     device = resolve_device(cfg.device)
     dist.initialize_dist(device)
+    remove_stale_shared_memory_on_each_node()  # before any dataset: what killed runs left
     reproducibility.seed_all(cfg.seed)
     seq_len = cfg.max_seq_len or model_config.max_seq_len
     evaluators = []  # the data first: its errors come before the weights are read

@@ -13,6 +13,7 @@ import torch
 import uvicorn
 
 from dbrx_train.checkpoints import load_pretrained
+from dbrx_train.data.shared_memory import remove_stale_shared_memory
 from dbrx_train.errors import ConfigError, cli_entry
 from dbrx_train.serve.app import create_app
 from dbrx_train.serve.config import API_KEY_ENV, ServeConfig
@@ -63,6 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format='%(levelname)s:     %(message)s')  # as uvicorn's lines
     if config.api_key is None and config.host not in ('127.0.0.1', 'localhost', '::1'):
         log.warning('serving on %s without an API key: anyone who can reach it can use it', config.host)
+    remove_stale_shared_memory()  # a long-lived process: what killed runs left would hold its descriptors
     # Loaded on a thread that then ends, so that the engine thread's OpenMP team is the process's
     # only one: with a second (idle) team libgomp sees more threads than cores and stops spin-waiting
     # between kernels, which halves CPU decoding speed (measured with bench/bench_serve.py).

@@ -11,27 +11,33 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
 import torch
 from composer import Trainer
 from composer.core import DataSpec, Evaluator
-from composer.utils import dist, reproducibility
+from composer.utils import dist, format_name_with_dist, reproducibility
 from composer.utils.parallelism import FSDP2Config
 
 from dbrx_train.builders import build_from_registry, register_ours, resolve_device
-from dbrx_train.checkpoints.autoresume import resume_checkpoint
+from dbrx_train.checkpoints.autoresume import restore_rng, resume_checkpoint
+from dbrx_train.checkpoints.layout import in_layout
 from dbrx_train.checkpoints.native import CONFIG_FILE, read_config, write_config
+from dbrx_train.checkpoints.remote import RemoteCheckpoints
+from dbrx_train.checkpoints.remote import local_folder as remote_local_folder
 from dbrx_train.checkpoints.saver import AtomicCheckpointSaver
 from dbrx_train.composer_model import LM_METRICS, ComposerDbrx
 from dbrx_train.data import build_text_dataloader
 from dbrx_train.data.finetuning import build_finetuning_dataloader
 from dbrx_train.data.finetuning_source import prepare_hf_name
 from dbrx_train.data.mixture import build_mixture_dataloader
+from dbrx_train.data.shared_memory import remove_stale_shared_memory_on_each_node
 from dbrx_train.errors import ConfigError
 from dbrx_train.evaluation.icl import build_icl_evaluators
-from dbrx_train.training.callbacks import MoEMonitor
+from dbrx_train.object_store import RemoteFolder
+from dbrx_train.training.callbacks import BatchFingerprint, MoEMonitor
 from dbrx_train.training.config import TrainConfig
 from dbrx_train.training.curriculum_monitor import CurriculumMonitor
 from dbrx_train.training.finetune import check_init_from, prepare_model, start_from_pretrained
@@ -44,7 +50,8 @@ from dbrx_train.uri import is_remote
 
 log = logging.getLogger(__name__)
 
-OUR_CALLBACKS = {'moe_monitor': MoEMonitor, 'curriculum_monitor': CurriculumMonitor, 'save_on_signal': SaveOnSignal}
+OUR_CALLBACKS = {'moe_monitor': MoEMonitor, 'curriculum_monitor': CurriculumMonitor, 'save_on_signal': SaveOnSignal,
+                 'batch_fingerprint': BatchFingerprint}
 # In place of llm-foundry's of the same name, which needs a transformers model in the trainer.
 REPLACED_CALLBACKS = {'hf_checkpointer': HFCheckpointer}
 OUR_ALGORITHMS = {'gradient_clipping': GradientClipping}  # in place of Composer's
@@ -110,6 +117,7 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
     if dist.get_global_rank() == 0:
         for note in cfg.notes():
             log.warning(note)
+    remove_stale_shared_memory_on_each_node()  # before any dataset: what killed runs left
     reproducibility.seed_all(cfg.seed)
     # parallelize's mixed-precision policy and Composer train in the precision this CPU can run.
     cfg = dataclasses.replace(cfg, precision=resolve_precision(cfg.precision, device))
@@ -157,7 +165,7 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
     if cfg.save_folder is not None and dist.get_global_rank() == 0:
         save_model_config(cfg)
     fsdp = _fsdp2(cfg)
-    savers, checkpointing = _checkpointing(cfg)
+    savers, checkpointing = _checkpointing(cfg, sharded=fsdp is not None and fsdp.state_dict_type == 'sharded')
     trainer = Trainer(
         run_name=cfg.run_name,
         seed=cfg.seed,
@@ -183,39 +191,55 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
         dist_timeout=cfg.dist_timeout,
         python_log_level=cfg.python_log_level,
     )
+    restore_rng(trainer)  # Composer skips it when the loader resumes itself mid-epoch
     start_from_pretrained(trainer, cfg.init_from)  # into the placed (and sharded) model
     return trainer
 
 
-def _checkpointing(cfg: TrainConfig) -> tuple[list[AtomicCheckpointSaver], dict]:
-    """The checkpoint saver and the Trainer's checkpoint arguments. A local save_folder gets
-    checkpoints that are complete or absent, and autoresume from the last complete one
-    (dbrx_train.checkpoints.saver and .autoresume); an object store keeps Composer's own saver and autoresume."""
-    if cfg.save_folder is None or is_remote(cfg.save_folder):
-        return [], dict(save_folder=cfg.save_folder, save_interval=cfg.save_interval,
-                        save_num_checkpoints_to_keep=cfg.save_num_checkpoints_to_keep,
-                        save_overwrite=cfg.save_overwrite, autoresume=cfg.autoresume, load_path=cfg.load_path)
-    saver = AtomicCheckpointSaver(cfg.save_folder, cfg.save_interval, cfg.save_num_checkpoints_to_keep,
-                                  cfg.save_overwrite)
-    return [saver], dict(load_path=resume_checkpoint(cfg.save_folder, cfg.run_name, cfg.autoresume) or cfg.load_path)
+def _checkpointing(cfg: TrainConfig, sharded: bool) -> tuple[list[AtomicCheckpointSaver], dict]:
+    """The checkpoint saver and the Trainer's checkpoint arguments: checkpoints that are complete or
+    absent, and autoresume from the last complete one, in a local folder or an object store
+    (dbrx_train.checkpoints.saver, .autoresume and .remote), converted to the layout this run loads
+    (`sharded` or full: .layout) when another number of processes wrote it."""
+    if cfg.save_folder is None:
+        return [], dict(load_path=cfg.load_path)
+    folder, remote = cfg.save_folder, None
+    if is_remote(cfg.save_folder):
+        remote = RemoteCheckpoints(format_name_with_dist(cfg.save_folder, cfg.run_name))
+        folder = str(remote_local_folder(remote.uri, cfg.run_name))
+    saver = AtomicCheckpointSaver(folder, cfg.save_interval, cfg.save_num_checkpoints_to_keep, cfg.save_overwrite,
+                                  remote=remote)
+    resumed = resume_checkpoint(folder, cfg.run_name, cfg.autoresume, remote)
+    return [saver], dict(load_path=in_layout(resumed, sharded) if resumed else cfg.load_path)
 
 
 def save_model_config(cfg: TrainConfig) -> None:
     """Puts the model config beside the checkpoints, so `load_pretrained(save_folder)` can rebuild the
-    model. Without the layout (`ModelConfig.without_layout`): a run may resume with another one."""
-    if is_remote(cfg.save_folder):
-        log.warning('save_folder %s is remote: keep the YAML to load its checkpoints', cfg.save_folder)
-        return
-    folder, model = Path(cfg.save_folder), cfg.model.without_layout()
-    if (folder / CONFIG_FILE).is_file():
-        if read_config(folder).without_layout() != model:
-            raise ConfigError('save_folder', f'{folder} holds checkpoints of a different model config; '
-                                             'use another save_folder')
-        return
-    folder.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=folder) as tmp:
-        write_config(Path(tmp), model)
-        os.replace(Path(tmp) / CONFIG_FILE, folder / CONFIG_FILE)
+    model. Without the layout (`ModelConfig.without_layout`): a run may resume with another one. An
+    object-store save_folder gets it as an object."""
+    remote = RemoteFolder(format_name_with_dist(cfg.save_folder, cfg.run_name)) if is_remote(cfg.save_folder) else None
+    folder = Path(tempfile.mkdtemp()) if remote is not None else Path(cfg.save_folder)
+    model = cfg.model.without_layout()
+    try:
+        if remote is not None:
+            remote.check_access('save_folder')  # one line, before anything else goes there
+        if remote is not None and remote.names_under(CONFIG_FILE) == [CONFIG_FILE]:
+            remote.download(CONFIG_FILE, folder / CONFIG_FILE)
+        if (folder / CONFIG_FILE).is_file():
+            if read_config(folder).without_layout() != model:
+                raise ConfigError('save_folder', f'{cfg.save_folder} holds checkpoints of a different model config; '
+                                                 'use another save_folder')
+            return
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=folder) as tmp:
+            write_config(Path(tmp), model)
+            if remote is not None:
+                remote.upload(Path(tmp) / CONFIG_FILE, CONFIG_FILE)
+            else:
+                os.replace(Path(tmp) / CONFIG_FILE, folder / CONFIG_FILE)
+    finally:
+        if remote is not None:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _with_data(loader, cfg: TrainConfig, section: str):

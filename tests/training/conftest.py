@@ -27,7 +27,7 @@ def tiny_overrides(corpus: Path, run_dir: Path, **extra) -> list[str]:
         'global_train_batch_size': 4, 'device_train_microbatch_size': 2, 'max_duration': '6ba',
         'scheduler.t_warmup': '2ba', 'save_folder': run_dir / 'checkpoints', 'save_interval': '2ba',
         'loggers.metrics_file.path': run_dir / 'metrics.jsonl', 'progress_bar': False,
-        'python_log_level': 'warning', **extra,
+        'python_log_level': 'warning', 'callbacks.batch_fingerprint': '{}', **extra,
     }
     return [f'{k}={v}' for k, v in settings.items()]
 
@@ -47,7 +47,7 @@ def launch(args: list[str], processes: int | None = None, log_dir: Path | None =
                             **{'stdout': subprocess.PIPE, 'stderr': subprocess.STDOUT, **popen})
 
 
-def run(args: list[str], processes: int | None = None, log_dir: Path | None = None, timeout: float = 300) -> str:
+def run(args: list[str], processes: int | None = None, log_dir: Path | None = None, timeout: float = 600) -> str:
     proc = launch(args, processes, log_dir)
     out, _ = proc.communicate(timeout=timeout)
     assert proc.returncode == 0, out[-4000:]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import shutil
 import signal
 import time
@@ -21,10 +22,12 @@ import torch
 
 from dbrx_train.checkpoints.autoresume import incomplete, resume_checkpoint
 from dbrx_train.checkpoints.saver import PAUSE_ENV, STAGING
+from dbrx_train.data.shared_memory import file_identity, files_held_open
 
 from tests.training.conftest import curriculum_log, launch, losses, run, tiny_overrides
 
 STEPS = 6
+KILLS = 4  # random kills in a row in the random-kill test
 SHARED_MEMORY = Path('/dev/shm')
 
 
@@ -233,3 +236,129 @@ def test_without_a_complete_checkpoint_the_run_starts_from_scratch(tmp_path, cap
         assert resume_checkpoint(str(tmp_path), 'run', autoresume=True) is None
     assert 'ep0-ba2/.metadata is missing' in caplog.text and 'starting from scratch' in caplog.text
     assert not os.path.lexists(tmp_path / 'latest-rank0.pt')
+
+
+def test_one_process_resumes_two_ranks_and_two_ranks_resume_one_process(tiny_corpus, reference, tmp_path):
+    """1 -> 2 -> 1 processes: each resume converts the checkpoint to the layout it loads (full file
+    <-> sharded folder). Global batch 4 in micro-batches of 2 either way, so the same micro-batches."""
+    args = tiny_overrides(tiny_corpus, tmp_path, python_log_level='info', save_num_checkpoints_to_keep=-1)
+    folder, metrics = tmp_path / 'checkpoints', tmp_path / 'metrics.jsonl'
+
+    kill_when_paused(args, 'committed@2', tmp_path)  # one process: ep0-ba2-rank0.pt
+    before = line_count(metrics)
+    output = kill_when_paused(args, 'committed@4', tmp_path, processes=2)  # two ranks: ep0-ba4/
+    assert 'ep0-ba2-rank0.pt is full; this run loads sharded checkpoints: converting it' in output
+    resumed = logged_since(metrics, before)
+    assert sorted(resumed) == [2, 3]
+    assert_same_losses(resumed, reference)
+    assert (folder / 'ep0-ba4' / '.metadata').is_file()
+
+    before = line_count(metrics)
+    output = run(args)
+    assert 'ep0-ba4 is sharded; this run loads full checkpoints: converting it' in output
+    resumed = logged_since(metrics, before)
+    assert sorted(resumed) == [4, 5]
+    assert_same_losses(resumed, reference)
+
+
+def kill_at_random(args: list[str], run_dir: Path, rng: random.Random, metrics: Path, processes: int) -> None:
+    """Runs until a random moment (seeded): while it starts, or some way into a random step's
+    training, checkpoint write or rename; then SIGKILLs the launcher alone, as an OOM killer or a
+    preempted node would, and checks that its ranks (and their workers) die with it within seconds."""
+    attempt = run_dir / f'attempt-{len(list(run_dir.glob("attempt-*")))}'
+    attempt.mkdir()
+    before = line_count(metrics)
+    step, delay = rng.choice([None, 1, 2, 3, 4, 5]), rng.uniform(0, 1.5)
+    with open(attempt / 'output.txt', 'w') as output:
+        proc = launch(args, processes, attempt, stdout=output, start_new_session=True)
+        group = proc.pid  # its own process group: the launcher and every process it started
+        try:
+            deadline = time.monotonic() + 600
+            while step is not None and _last_step(metrics, before) < step:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
+            time.sleep(delay * (5 if step is None else 1))  # a start-up kill: 0 to 7.5 s in
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+            deadline = time.monotonic() + 10
+            while live_processes(group) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert live_processes(group) == [], f'left behind by the killed launcher (attempt {attempt.name})'
+        finally:
+            for pid in live_processes(group):
+                os.kill(pid, signal.SIGKILL)
+
+
+def live_processes(group: int) -> list[int]:
+    """The live (not zombie) processes of a process group."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir('/proc')):
+        try:
+            with open(f'/proc/{pid}/stat') as f:
+                fields = f.read().rsplit(')', 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == group and fields[0] != 'Z':
+            found.append(int(pid))
+    return found
+
+
+def _last_step(metrics: Path, lines_before: int) -> int:
+    """The last step logged since `lines_before` (-1: none yet; a line still being written is skipped)."""
+    try:
+        return max(logged_since(metrics, lines_before), default=-1)
+    except (ValueError, FileNotFoundError):
+        return -1
+
+
+def test_two_ranks_killed_at_random_moments_train_on_the_same_samples_with_the_same_losses(
+        tiny_corpus, reference_two_ranks, tmp_path):
+    """Several kills in a row at seeded random moments (as the issue's drift needed: a resumed run
+    killed again, resumed from the same checkpoint twice), then the same command to the end: every
+    step any attempt logged has the uninterrupted run's loss and trained on its samples."""
+    args = tiny_overrides(tiny_corpus, tmp_path, python_log_level='info', save_num_checkpoints_to_keep=2)
+    metrics = tmp_path / 'metrics.jsonl'
+    rng = random.Random(26)  # the kill moments: reproducible
+    shared_memory_before = _shared_memory()
+    try:
+        # The killed runs' Streaming shared memory stays in /dev/shm: each next start removes it.
+        for _ in range(KILLS):
+            kill_at_random(args, tmp_path, rng, metrics, processes=2)
+        log_dir = tmp_path / 'last'
+        log_dir.mkdir()
+        run(args, processes=2, log_dir=log_dir, timeout=600)
+        # Nothing of the dead runs is left (what a live process holds, another job's, may be there).
+        held = files_held_open()
+        assert [name for name in _shared_memory() - shared_memory_before
+                if (SHARED_MEMORY / name).exists() and file_identity(SHARED_MEMORY / name) not in held] == []
+    finally:
+        for name in _shared_memory() - shared_memory_before:
+            (SHARED_MEMORY / name).unlink(missing_ok=True)
+    expected_losses = losses(reference_two_ranks / 'metrics.jsonl')
+    expected_batches = losses(reference_two_ranks / 'metrics.jsonl', 'data/batch_hash')
+    assert len(expected_batches) == STEPS
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    trained = [(r['step'], r['loss/train/lm']) for r in records if 'loss/train/lm' in r]
+    batches = [(r['step'], r['data/batch_hash']) for r in records if 'data/batch_hash' in r]
+    assert sorted({step for step, _ in trained}) == list(range(STEPS))
+    for step, loss in trained:  # every attempt's, killed ones included
+        assert loss == pytest.approx(expected_losses[step], abs=1e-6), step
+    for step, batch in batches:
+        assert batch == expected_batches[step], step
+
+
+def test_router_jitter_continues_with_the_random_state_the_checkpoint_saved(tiny_corpus, tmp_path):
+    """Composer never restores the RNG when the loader resumes itself mid-epoch; with router jitter
+    (random in every training step) a resumed run would then differ from an uninterrupted one."""
+    jitter = {'model.ffn_config.moe_jitter_eps': 0.1, 'max_duration': '4ba'}
+    uninterrupted = tmp_path / 'uninterrupted'
+    uninterrupted.mkdir()
+    run(tiny_overrides(tiny_corpus, uninterrupted, **jitter))
+    resumed = tmp_path / 'resumed'
+    resumed.mkdir()
+    args = tiny_overrides(tiny_corpus, resumed, **jitter)
+    kill_when_paused(args, 'committed@2', resumed)
+    run(args)
+    assert losses(resumed / 'metrics.jsonl') == losses(uninterrupted / 'metrics.jsonl')
