@@ -480,6 +480,16 @@ def shard_quantized(model: nn.Module, mesh) -> None:
                 module._buffers[name] = distribute_tensor(buffer, mesh, [Shard(0)], src_data_rank=None)
 
 
+def store_scales_in(model: nn.Module, dtype: torch.dtype) -> None:
+    """Casts the scales and zero points of every quantized module of `model` to `dtype`: a QLoRA base
+    keeps 16-bit ones in an fp32 model (int4 at 4 + 32 / group_size bits per weight)."""
+    for module in model.modules():
+        if isinstance(module, QuantizedModule):
+            for name, buffer in list(module.named_buffers(recurse=False)):
+                if buffer.is_floating_point():
+                    module._buffers[name] = buffer.to(dtype)
+
+
 # ---------------------------------------------------------------- float <-> stored names
 
 

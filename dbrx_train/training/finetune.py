@@ -25,6 +25,7 @@ import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import torch
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import _CHECKPOINT_PREFIX
 from tqdm import tqdm
 
@@ -33,7 +34,7 @@ from dbrx_train.errors import ConfigError
 from dbrx_train.model.config import ModelConfig
 from dbrx_train.model.dbrx import DbrxLM
 from dbrx_train.model.lora import LoraConfig, apply_lora, base_parameters, check_layers
-from dbrx_train.model.quantize import matrix_layouts, quantize_into
+from dbrx_train.model.quantize import matrix_layouts, quantize_into, store_scales_in
 from dbrx_train.typed_config import to_dict
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,10 @@ def apply_freeze(model: DbrxLM, config: FreezeConfig) -> None:
 
 
 def prepare_model(model: DbrxLM, freeze: FreezeConfig | None, lora: LoraConfig | None) -> None:
-    """Freezing and adapters, before the optimizer sees the parameters."""
+    """Freezing and adapters, before the optimizer sees the parameters. A quantized (QLoRA) base keeps
+    bf16 scales and zeros, whatever the training precision: it is frozen, and dequantized to compute."""
+    if model.config.quantization is not None:
+        store_scales_in(model, torch.bfloat16)
     if freeze is not None:
         apply_freeze(model, freeze)
     if lora is not None:
