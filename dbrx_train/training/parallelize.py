@@ -100,6 +100,8 @@ def check_memory(cfg: TrainConfig, world_size: int, ranks_per_host: int, device:
     """One line, before the model is built, when this layout cannot fit this host's (or GPU's) memory."""
     trains_all = cfg.lora is None and cfg.freeze is None  # else a lower bound: the weights alone
     per_param = 4 + (4 + optimizer_state_bytes(cfg.optimizer['name']) if trains_all else 0)
+    if cfg.model.quantization is not None:  # QLoRA: a byte bounds a stored weight (int4 ~0.53, int8 ~1)
+        per_param = 1
     placement = Placement(ranks_per_host, device == 'gpu', cfg.init_device == 'cpu', per_param)
     check_fits(cfg.model, layout_of(cfg, world_size), placement, host_memory_bytes(),
                gpu_memory_bytes() if device == 'gpu' else 0)

@@ -17,6 +17,7 @@ from dbrx_train.model.config import AttentionConfig, FFNConfig, ModelConfig
 from dbrx_train.model.dbrx import DbrxLM
 from dbrx_train.model.init import local_part, local_region
 from dbrx_train.model.lora import LoraConfig, adapters, apply_lora
+from dbrx_train.model.quantize import quantize
 from dbrx_train.training.finetune import load_initial_weights
 from dbrx_train.typed_config import load_yaml, parse
 from tests.spawn import run_ranks
@@ -82,7 +83,8 @@ def qlora_rank(checkpoint: Path) -> dict:
 
 
 def test_qlora_on_two_fsdp_ranks_trains_as_one_process_from_a_float_init_from_quantized_per_shard(tmp_path):
-    checkpoint = save_checkpoint(DbrxLM(float_config(), seed=0), tmp_path / 'float')
+    float_model = DbrxLM(float_config(), seed=0)
+    checkpoint = save_checkpoint(float_model, tmp_path / 'float')
     ranks = run_ranks(qlora_rank, 2, checkpoint)
 
     one = DbrxLM(qlora_config())  # one process: the whole model, filled from the same checkpoint
@@ -90,6 +92,12 @@ def test_qlora_on_two_fsdp_ranks_trains_as_one_process_from_a_float_init_from_qu
     load_initial_weights(one, checkpoint)
     set_nonzero_b(one)
     stored = dict(one.named_buffers())
+    # Quantizing the checkpoint as it is read (an expert w2 transposed, expert by expert) stores what
+    # quantizing the float model in memory stores.
+    in_memory = quantize(float_model, 'int4', group_size=32).state_dict()
+    for name, tensor in stored.items():
+        if '.lora.' not in name:
+            assert torch.equal(tensor, in_memory[name]), name
     loss, grads = step(one, torch.cat([batch(2, 0), batch(2, 1)]))
 
     for rank in ranks:  # each rank quantized exactly its rows of the float checkpoint, and holds only them

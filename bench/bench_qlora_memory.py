@@ -1,0 +1,151 @@
+"""Peak memory of a QLoRA training step per base weight, above the activations, side by side with LoRA
+on the float (fp32) base, each variant in a fresh process, in one run.
+
+The model (`BENCH` below, ~220M base weights, 16 experts of 2048 x 1024, a small vocabulary so that,
+as in DBRX-132B, the experts are nearly all of the base) trains its adapters (rank 8 on Wqkv,
+out_proj and every expert's w1, v1, w2) with AdamW in fp32 on one process, as `train.py` runs a
+QLoRA YAML: the base frozen, int4 in groups of 128 with bf16 scales and zeros each matrix
+dequantized just in time for its matmul, in the forward pass and again in the backward pass.
+
+Measured in the process (Linux VmRSS / VmHWM, after `malloc_trim`): resident memory before the model
+exists (imports, data: `before`), and the peak of a training step (forward, backward, AdamW step,
+after a first step has created AdamW's state) at T and at 2T tokens. The activations of T tokens are
+taken as the peak's rise from T to 2T tokens; the step's peak above the activations is
+`peak(T) - before - activations(T)`, divided by the base weights. Goal: at most 0.6 bytes per base
+weight. The adapters' own state (fp32 factors, gradients, AdamW moments: 16 bytes per adapter
+parameter) is shown apart: at this size it is a larger share than at 132B (`python -m dbrx_train.info`).
+Random weights: memory does not depend on the values.
+
+Run: `.venv/bin/python bench/bench_qlora_memory.py` (a few minutes on 2 cores: dequantizing every
+expert matrix twice per step is CPU work).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.common import peak_resident_mib, reset_peak_resident, resident_mib  # noqa: E402
+from dbrx_train.model.config import AttentionConfig, FFNConfig, ModelConfig  # noqa: E402
+from dbrx_train.model.dbrx import DbrxLM  # noqa: E402
+from dbrx_train.model.lora import LoraConfig, adapters, apply_lora  # noqa: E402
+from dbrx_train.model.quantize import QuantizedModule, store_scales_in  # noqa: E402
+
+BENCH = ModelConfig(d_model=1024, n_heads=8, n_layers=2, max_seq_len=512, vocab_size=8192,
+                    attn_config=AttentionConfig(kv_n_heads=2),
+                    ffn_config=FFNConfig(ffn_hidden_size=2048, moe_num_experts=16, moe_top_k=4))
+LORA = LoraConfig(r=8, alpha=16)
+TOKENS = 256  # T: one row of 256 tokens; 2T: two rows
+VARIANTS = {'QLoRA int4 (group 128)': 'int4', 'LoRA, fp32 base': None}
+MIB = 2**20
+
+
+def build(quantization: str | None) -> DbrxLM:
+    if quantization is None:
+        model = DbrxLM(BENCH, seed=0)
+    else:
+        model = DbrxLM(dataclasses.replace(BENCH, quantization=quantization), device='cpu')  # empty stored tensors
+        store_scales_in(model, torch.bfloat16)
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for module in model.modules():
+                if isinstance(module, QuantizedModule):
+                    for buffer in module.buffers(recurse=False):
+                        if buffer.is_floating_point():
+                            buffer.uniform_(-0.01, 0.01, generator=generator)
+                        else:
+                            buffer.copy_(torch.randint(0, 256 if buffer.dtype == torch.uint8 else 127, buffer.shape,
+                                                       generator=generator, dtype=torch.int16))
+    apply_lora(model, LORA)
+    with torch.no_grad():  # trained adapters: B nonzero
+        for _, adapter in adapters(model):
+            adapter.lora_B.normal_(0, 0.01)
+    return model.train()
+
+
+def base_weights(model: DbrxLM) -> int:
+    """Frozen weights of the float model this one stands for."""
+    float_model = DbrxLM(BENCH, device='meta')
+    return sum(p.numel() for p in float_model.parameters())
+
+
+def measure(quantization: str | None) -> dict:
+    torch.manual_seed(0)
+    ids = torch.randint(0, BENCH.vocab_size, (2, TOKENS))
+    before = resident_mib()
+    model = build(quantization)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4)
+
+    def step(rows: int) -> float:
+        resident_mib()  # malloc_trim: the peak counts this step's memory, not freed heap kept from before
+        reset_peak_resident()
+        model(ids[:rows], labels=ids[:rows]).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return peak_resident_mib()
+
+    step(1)  # AdamW's state exists from here on
+    state = resident_mib()
+    peaks = {rows: step(rows) for rows in (1, 2)}
+    return {'before': before, 'state': state, 'peak': peaks[1], 'peak2': peaks[2],
+            'base_weights': base_weights(model), 'adapter_numel': sum(p.numel() for p in trainable),
+            'stored_bytes': sum(b.nbytes for name, b in model.named_buffers() if '.lora.' not in name)
+            + sum(p.nbytes for p in model.parameters() if not p.requires_grad)}
+
+
+def mem_available_bytes() -> int:
+    for line in Path('/proc/meminfo').read_text().splitlines():
+        if line.startswith('MemAvailable:'):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--variant', help=argparse.SUPPRESS)  # one measurement, in this process
+    parser.add_argument('--json', help='keep the numbers in this file')
+    args = parser.parse_args()
+    if args.variant is not None:
+        print(json.dumps(measure(VARIANTS[args.variant])))
+        return
+    commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=REPO, capture_output=True,
+                            text=True).stdout.strip()
+    load = Path('/proc/loadavg').read_text().split()[:3]
+    print(f'{datetime.date.today()}, commit {commit}, {platform.machine()}, capability '
+          f'{torch.backends.cpu.get_cpu_capability()}, load average {" ".join(load)}; one process, fp32 compute; '
+          f'{BENCH.n_layers} layers, d_model {BENCH.d_model}, {BENCH.ffn_config.moe_num_experts} experts of '
+          f'{BENCH.ffn_config.ffn_hidden_size}, vocab {BENCH.vocab_size}; LoRA rank {LORA.r} on every target; '
+          f'T = {TOKENS} tokens\n')
+    print('| variant | base weights | stored base, B/weight | peak above activations, B/weight | of which adapter '
+          'state | activations of T, MiB | step peak at T, MiB above before |')
+    print('|---|---:|---:|---:|---:|---:|---:|')
+    results = {}
+    for name in VARIANTS:
+        if VARIANTS[name] is None and mem_available_bytes() < 6 * 2**30:
+            print(f'| {name} | not run: MemAvailable {mem_available_bytes() / 2**30:.1f} GiB < 6 GiB | | | | | |')
+            continue
+        out = subprocess.run([sys.executable, __file__, '--variant', name], capture_output=True, text=True, check=True)
+        r = results[name] = json.loads(out.stdout.strip().splitlines()[-1])
+        activations = max(0.0, r['peak2'] - r['peak'])
+        above = (r['peak'] - r['before'] - activations) * MIB
+        n = r['base_weights']
+        print(f'| {name} | {n / 1e6:,.0f}M | {r["stored_bytes"] / n:.3f} | {above / n:.3f} | '
+              f'{16 * r["adapter_numel"] / n:.3f} | {activations:,.0f} | {r["peak"] - r["before"]:,.0f} |', flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == '__main__':
+    main()
