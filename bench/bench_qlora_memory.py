@@ -36,7 +36,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import peak_resident_mib, reset_peak_resident, resident_mib  # noqa: E402
+from bench.common import mem_available_bytes, peak_resident_mib, reset_peak_resident, resident_mib  # noqa: E402
 from dbrx_train.model.config import AttentionConfig, FFNConfig, ModelConfig  # noqa: E402
 from dbrx_train.model.dbrx import DbrxLM  # noqa: E402
 from dbrx_train.model.lora import LoraConfig, adapters, apply_lora  # noqa: E402
@@ -104,13 +104,6 @@ def measure(quantization: str | None) -> dict:
             'base_weights': base_weights(model), 'adapter_numel': sum(p.numel() for p in trainable),
             'stored_bytes': sum(b.nbytes for name, b in model.named_buffers() if '.lora.' not in name)
             + sum(p.nbytes for p in model.parameters() if not p.requires_grad)}
-
-
-def mem_available_bytes() -> int:
-    for line in Path('/proc/meminfo').read_text().splitlines():
-        if line.startswith('MemAvailable:'):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 def main() -> None:
