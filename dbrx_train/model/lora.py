@@ -145,12 +145,13 @@ def apply_lora(model: DbrxLM, config: LoraConfig) -> None:
     for i in layers:
         for target in config.targets:
             if target in ATTENTION_TARGETS:
-                _adapt(getattr(model.blocks[i].attn, target), 'weight', 1, config, config.dropout)
+                _adapt(getattr(model.blocks[i].attn, target), 'weight', 1, config, model.wte.weight.dtype,
+                       config.dropout)
 
     def adapt_experts(experts: Experts) -> Experts:
         for target in config.targets:
             if target in EXPERT_TARGETS:
-                _adapt(experts, target, experts.num_experts, config)
+                _adapt(experts, target, experts.num_experts, config, model.wte.weight.dtype)
         return experts  # adapted in place: the parametrization is registered on the module
 
     replace_experts(model, adapt_experts, layers)
@@ -160,12 +161,13 @@ def apply_lora(model: DbrxLM, config: LoraConfig) -> None:
                 tensor.copy_(value)
 
 
-def _adapt(module: nn.Module, name: str, blocks: int, config: LoraConfig, input_dropout: float = 0.0) -> None:
+def _adapt(module: nn.Module, name: str, blocks: int, config: LoraConfig, float_dtype: torch.dtype,
+           input_dropout: float = 0.0) -> None:
     """Registers a `LowRankUpdate` on `module.<name>`, a `(blocks * out, in)` weight; with `input_dropout`
     (a `Linear`), the forward hook that computes the update on dropped-out inputs in training. A
     quantized module keeps it as `module.lora[name]` and applies it itself (QLoRA)."""
-    if isinstance(module, QuantizedModule):
-        (rows, in_features), dtype = module.float_shape(name), module.float_dtype
+    if isinstance(module, QuantizedModule):  # factors in the dtype of the model's float weights
+        (rows, in_features), dtype = module.float_shape(name), float_dtype
         device = getattr(module, module._buffer(name, '')).device
     else:
         base = getattr(module, name)

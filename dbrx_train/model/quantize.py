@@ -120,7 +120,8 @@ def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Ten
                     dtype: torch.dtype) -> torch.Tensor:
     """The `(out, in)` matrix in `dtype` that `quantize_groups` stored."""
     q = unpack_int4(packed).view(*scales.shape, -1).to(dtype)
-    return ((q - _INT4_MID) * scales[..., None].to(dtype) + zeros[..., None].to(dtype)).flatten(1)
+    # In place: one float temporary the size of the matrix (QLoRA dequantizes just in time, per matmul).
+    return q.sub_(_INT4_MID).mul_(scales[..., None].to(dtype)).add_(zeros[..., None].to(dtype)).flatten(1)
 
 
 def int4_kernel_runs(x: torch.Tensor, out_features: int, group_size: int) -> bool:
@@ -202,7 +203,7 @@ class Int8Format(WeightFormat):
         return int8_linear(x, parts[''], parts['scales'])
 
     def dequantize(self, parts, dtype):
-        return parts[''].to(dtype) * parts['scales'].to(dtype)[:, None]
+        return parts[''].to(dtype).mul_(parts['scales'].to(dtype)[:, None])
 
 
 class Int4Format(WeightFormat):
@@ -316,10 +317,6 @@ class QuantizedModule(nn.Module):
     def float_shape(self, name: str) -> tuple[int, int]:
         """The shape of matrix `name` in the float model (what its adapter's factors are sized by)."""
         raise NotImplementedError
-
-    @property
-    def float_dtype(self) -> torch.dtype:
-        return getattr(self, self._buffer(self._matrices()[0][0], self.format.suffixes[1])).dtype
 
     def _matrices(self) -> tuple[tuple[str, int, int], ...]:
         """(name, rows, columns) of the matrices as stored (of one expert's, for experts)."""
