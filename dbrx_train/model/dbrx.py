@@ -26,7 +26,7 @@ from dbrx_train.model.generation import generate
 from dbrx_train.model.loss import linear_cross_entropy, load_balancing_loss
 from dbrx_train.model.init import init_normal_, local_part
 from dbrx_train.model.moe import build_experts, run_experts
-from dbrx_train.model.quantize import QuantizedLinear, quantize
+from dbrx_train.model.quantize import QuantizedLinear, compute_dtype, quantize
 
 NORM_EPS = 1e-5
 RESIDUAL_EXPERT_WEIGHTS = ('w2',)  # the experts' projection into the residual stream
@@ -271,7 +271,7 @@ class DbrxLM(nn.Module):
         labels = input_ids if labels is None else labels
         targets = next_token_targets(labels)
         # A quantized (QLoRA: frozen) LM head, dequantized for the loss, which copies the weight anyway.
-        head = (self.lm_head.dequantized(hidden.dtype) if isinstance(self.lm_head, QuantizedLinear)
+        head = (self.lm_head.dequantized(compute_dtype(hidden)) if isinstance(self.lm_head, QuantizedLinear)
                 else self.lm_head.weight)
         lm_loss = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), head, targets.reshape(-1), IGNORE_INDEX)
         aux_loss = load_balancing_loss(
