@@ -228,6 +228,8 @@ def main(argv: list[str] | None = None) -> None:
             raise ConfigError('--quantization' if args.quantization is None else '--lora-rank',
                               'QLoRA sizing needs both --quantization and --lora-rank')
         if args.quantization is not None:
+            if args.dry_run:
+                raise ConfigError('--dry-run', 'measures float layouts; QLoRA sizing is the closed form alone')
             config = dataclasses.replace(config, quantization=args.quantization)
             config.check()
             print(describe_qlora_layout(config, layout, args.lora_rank))
