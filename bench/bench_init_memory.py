@@ -27,6 +27,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.common import mem_available_bytes  # noqa: E402
 from dbrx_train.info import load_model_config  # noqa: E402
 from dbrx_train.model.dbrx import DbrxLM  # noqa: E402
 from dbrx_train.model.init import local_part  # noqa: E402
@@ -53,13 +54,6 @@ def on_rank(config, init_device: str) -> dict:
     cfg = layout_only(config, global_train_batch_size=WORLD, init_device=init_device)
     parallelize(model, cfg, build_mesh(cfg, WORLD, 'cpu'))
     return {'peak': peak_rss_bytes(), 'shards': sum(local_part(p).nbytes for p in model.parameters())}
-
-
-def mem_available_bytes() -> int:
-    for line in Path('/proc/meminfo').read_text().splitlines():
-        if line.startswith('MemAvailable:'):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 def main() -> None:

@@ -90,3 +90,11 @@ def reset_peak_resident() -> None:
 
 def peak_resident_mib() -> float:
     return _status_kib('VmHWM') / 1024
+
+
+def mem_available_bytes() -> int:
+    """MemAvailable of /proc/meminfo: what can be allocated without swapping."""
+    for line in Path('/proc/meminfo').read_text().splitlines():
+        if line.startswith('MemAvailable:'):
+            return int(line.split()[1]) * 1024
+    return 0

@@ -4,11 +4,16 @@
     python -m dbrx_train.info yamls/pretrain/dbrx-tiny.yaml model.n_layers=4 --seq-len 1024
     python -m dbrx_train.info yamls/models/dbrx-132b.yaml --world-size 8 --moe-world-size 8
     python -m dbrx_train.info yamls/models/dbrx-132b.yaml --world-size 64 --moe-world-size 8 --dry-run
+    python -m dbrx_train.info yamls/models/dbrx-132b.yaml --world-size 8 --quantization int4 --lora-rank 16
 
 With `--world-size`, it also sizes one rank of that training layout (see `training/sizing.py`):
 its parameter, gradient and AdamW bytes, expert and non-expert apart, and its all-to-all and FSDP
 all-gather bytes per step. The expert-parallel degree defaults to the YAML's
 `ffn_config.moe_world_size`.
+
+With `--quantization int4` (or int8) and `--lora-rank R` it sizes one rank of a QLoRA layout instead:
+the frozen quantized base, the adapters (rank R on every target), their gradients and AdamW's moments
+(`training.sizing.qlora_rank_size`); the group size is the YAML's `quantization_group_size` (128).
 
 With `--dry-run` it also builds the real model on `meta` and runs the real `training.parallelize`
 under a fake process group of that world size, as rank 0 (nothing is allocated, no process
@@ -39,7 +44,7 @@ from dbrx_train.model.init import local_part
 from dbrx_train.model.moe import Experts
 from dbrx_train.training.config import FSDPConfig, layout_only
 from dbrx_train.training.parallelize import build_mesh, parallelize
-from dbrx_train.training.sizing import STATE_BYTES, Layout, Traffic, rank_size
+from dbrx_train.training.sizing import STATE_BYTES, Layout, Traffic, qlora_rank_size, rank_size
 from dbrx_train.typed_config import load_yaml, parse
 
 GIB = 2**30
@@ -122,6 +127,29 @@ def describe_layout(config: ModelConfig, layout: Layout, seq_len: int, micro_bat
     ])
 
 
+def describe_qlora_layout(config: ModelConfig, layout: Layout, lora_rank: int) -> str:
+    """Rank 0's bytes in a QLoRA layout of `config` (quantized) with adapters of rank `lora_rank`."""
+    size = qlora_rank_size(config, layout, lora_rank)
+    bits = config.quantization if config.quantization == 'int8' else (
+        f'int4 in groups of {config.quantization_group_size} '
+        f'({4 + 32 / config.quantization_group_size:g} bits per weight)')
+    sharding = (f'HYBRID_SHARD over groups of {layout.shard_group_size}' if layout.shard_group_size
+                else 'FULL_SHARD')
+    rows = [('base, quantized', size.base_quantized), ('base, float', size.base_float),
+            ('adapters', size.adapters), ('adapter grads', size.adapter_grads), ('AdamW', size.adamw),
+            ('total', size.total)]
+    return '\n'.join([
+        f'QLoRA:             {layout.world_size} ranks, {sharding}; frozen base {bits}, 16-bit scales and zeros; '
+        f'the rest of the base (embedding, norms, router) fp32',
+        f'adapters:          rank {lora_rank} on Wqkv, out_proj and every expert\'s w1, v1, w2 of every layer: '
+        f'{size.adapter_numel:,} parameters on rank 0, fp32 with fp32 gradients and AdamW moments',
+        'per rank (rank 0; GiB = 2^30 bytes):',
+        *(f'  {name:<16}{value / GIB:>10.2f}' for name, value in rows),
+        f'gathered module:   {size.gathered_bytes / GIB:.2f} GiB (one layer\'s quantized experts while they run; '
+        'plus one dequantized expert matrix)',
+    ])
+
+
 def dry_run(config: ModelConfig, layout: Layout, precision: str = 'amp_bf16', mixed_precision: str = 'DEFAULT') -> str:
     """Rank 0 of `layout` as `parallelize` really builds it (on meta, under a fake process group of
     `layout.world_size` ranks), measured, beside `training.sizing`'s closed form."""
@@ -184,6 +212,9 @@ def main(argv: list[str] | None = None) -> None:
     layout.add_argument('--precision', choices=PRECISIONS, default='amp_bf16')
     layout.add_argument('--mixed-precision', choices=('DEFAULT', 'PURE', 'FULL'), default='DEFAULT')
     layout.add_argument('--activation-checkpointing', action='store_true')
+    layout.add_argument('--quantization', choices=('int4', 'int8'), help='QLoRA: size a frozen quantized base with '
+                        'LoRA adapters (needs --lora-rank)')
+    layout.add_argument('--lora-rank', type=int, help='QLoRA: the adapters\' rank')
     layout.add_argument('--dry-run', action='store_true', help='also build the model on meta, parallelize it '
                         'under a fake process group of --world-size ranks and measure rank 0')
     args = parser.parse_args(argv)
@@ -193,6 +224,16 @@ def main(argv: list[str] | None = None) -> None:
         if args.moe_world_size is not None:
             config = with_moe_world_size(config, args.moe_world_size)
         layout = Layout(args.world_size, args.shard_group_size, activation_checkpointing=args.activation_checkpointing)
+        if (args.quantization is None) != (args.lora_rank is None):
+            raise ConfigError('--quantization' if args.quantization is None else '--lora-rank',
+                              'QLoRA sizing needs both --quantization and --lora-rank')
+        if args.quantization is not None:
+            if args.dry_run:
+                raise ConfigError('--dry-run', 'measures float layouts; QLoRA sizing is the closed form alone')
+            config = dataclasses.replace(config, quantization=args.quantization)
+            config.check()
+            print(describe_qlora_layout(config, layout, args.lora_rank))
+            return
         print(describe_layout(config, layout, args.seq_len or config.max_seq_len, args.micro_batch,
                               args.micro_batches, args.precision, args.mixed_precision))
         if args.dry_run:

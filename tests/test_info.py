@@ -79,6 +79,9 @@ def test_sizes_one_rank_of_the_132b_preset_on_8_expert_parallel_ranks(capsys):
     (['--world-size', '12', '--shard-group-size', '8'],
      'fsdp_config.shard_group_size: the world size (12) is not a multiple of 8'),
     (['--world-size', '8', '--micro-batch', '0'], 'micro_batch: must be at least 1, got 0'),
+    (['--world-size', '8', '--quantization', 'int4'], '--lora-rank: QLoRA sizing needs both'),
+    (['--world-size', '8', '--quantization', 'int4', '--lora-rank', '16', '--moe-world-size', '8'],
+     'model.ffn_config.moe_world_size: a quantized (QLoRA) base is not supported with expert parallelism'),
 ])
 def test_impossible_layouts_are_one_line_errors_naming_the_key(args, error, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -97,3 +100,16 @@ def test_a_dry_run_of_the_132b_preset_on_16_ranks_measures_what_sizing_predicts(
     assert rows['experts'][:3] == [f'{16 * 40 * 3 * 10752 * 6144 // 16:,}'] * 2 + ['0']  # 1/8 of experts, 2 replicas
     for name, cells in rows.items():
         assert cells[0] == cells[1] and float(cells[2].replace(',', '')) == 0, name
+
+
+def test_sizes_one_rank_of_132b_qlora_on_8_ranks(capsys):
+    main([str(DBRX_132B), '--world-size', '8', '--quantization', 'int4', '--lora-rank', '16'])
+    out = capsys.readouterr().out
+    assert 'frozen base int4 in groups of 128 (4.25 bits per weight)' in out
+    table = {line[:18].strip(): float(line[18:]) for line in out.splitlines() if line.startswith('  ')
+             and line[18:].strip().replace('.', '').isdigit()}
+    # 131.6B parameters, all but ~0.6B of them int4 at 4.25 bits, over 8 ranks: about 8.1 GiB each
+    assert table['base, quantized'] == pytest.approx(131.0e9 * 4.25 / 8 / 8 / 2**30, rel=0.02)
+    assert table['adapter grads'] == table['adapters'] and table['AdamW'] == pytest.approx(2 * table['adapters'], abs=0.015)
+    assert table['total'] == pytest.approx(sum(v for k, v in table.items() if k != 'total'), abs=0.02)
+    assert table['total'] < 80 * 10**9 / 2**30 / 4  # a quarter of an 80 GB GPU: the rest is for activations

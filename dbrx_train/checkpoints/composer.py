@@ -7,6 +7,9 @@ group and never reads the optimizer state.
 A fine-tuning run with LoRA saves each adapted weight as its frozen base
 (`...parametrizations.w1.original`) plus its factors (`lora_A`, `lora_B`, `scale`):
 `ComposerTensors` reads such a checkpoint under the plain `DbrxLM` names, the adapters merged.
+A QLoRA run's checkpoint (its model config quantized) holds the frozen base as stored (packed int4,
+scales, zeros) and the adapters as `...lora.<tensor>.lora_A`: it reads as the float model, each base
+matrix dequantized and merged with its adapter.
 
 Loading a checkpoint runs no code from it: unpickling can run any code a file asks for, and
 checkpoints get downloaded. A full checkpoint is read with `torch.load(weights_only=True)`, which
@@ -39,6 +42,7 @@ from dbrx_train.checkpoints.storage import expected_shapes
 from dbrx_train.errors import CheckpointError
 from dbrx_train.model.config import ModelConfig
 from dbrx_train.model.lora import merged_weight, split_adapted_name
+from dbrx_train.model.quantize import dequantize_matrix, dequantized_config, matrix_layouts
 
 MODEL_PREFIX = 'state.model.model.'  # where Composer puts ComposerDbrx.model's tensors
 LATEST = 'latest-rank0.pt'
@@ -137,7 +141,8 @@ def load_sharded(state_dict: dict[str, torch.Tensor], checkpoint: Path, collecti
 class ComposerTensors:
     """The model tensors of a Composer checkpoint under plain `DbrxLM` names, LoRA adapters merged
     into their weights; checked against `config` (names and shapes) on opening. A sharded
-    checkpoint is read tensor by tensor; a full one is a single pickle, loaded once."""
+    checkpoint is read tensor by tensor; a full one is a single pickle, loaded once. With a quantized
+    `config` (QLoRA) the tensors are those of the float model (`dequantized_config`)."""
 
     def __init__(self, path: str | Path, config: ModelConfig, weights: dict[str, torch.Tensor] | None = None):
         """`weights`: a model's full state dict in memory instead (`path` then only names it in errors)."""
@@ -159,12 +164,15 @@ class ComposerTensors:
         for name in self._stored:
             plain, part = split_adapted_name(name)
             self._parts.setdefault(plain, {})[part] = name
-        self.shapes = expected_shapes(config)
+        self.config = config
+        self._layouts = {layout.float_name: layout for layout in matrix_layouts(config)} if config.quantization else {}
+        self._stored_shapes = expected_shapes(config)
+        self.shapes = expected_shapes(dequantized_config(config))  # what it reads as
         self._check()
 
     def _check(self) -> None:
         """The first tensor that is missing, of another shape or unexpected is a `CheckpointError` naming it."""
-        for name, shape in self.shapes.items():
+        for name, shape in self._stored_shapes.items():
             stored = self._parts.get(name, {}).get('weight')
             if stored is None:
                 raise CheckpointError(f'{self.checkpoint}: tensor {name} is missing')
@@ -174,12 +182,16 @@ class ComposerTensors:
             missing = [p for p in LORA_PARTS if p not in self._parts[name]]
             if len(missing) < len(LORA_PARTS) and missing:
                 raise CheckpointError(f'{self.checkpoint}: the LoRA adapter of {name} has no {missing[0]}')
-        unexpected = sorted(set(self._parts) - set(self.shapes))
+        unexpected = sorted(set(self._parts) - set(self._stored_shapes))
         if unexpected:
             raise CheckpointError(f'{self.checkpoint}: unexpected tensor {unexpected[0]}')
 
     def is_adapted(self, name: str) -> bool:
         return 'lora_A' in self._parts[name]
+
+    def is_stored_as_read(self, name: str) -> bool:
+        """Whether tensor `name` is read as stored (neither merged with an adapter nor dequantized)."""
+        return name not in self._layouts and not self.is_adapted(name)
 
     def stored_name(self, name: str) -> str:
         """Where the base weight of `name` is in the checkpoint (without `MODEL_PREFIX`)."""
@@ -187,7 +199,13 @@ class ComposerTensors:
 
     def read(self, name: str) -> torch.Tensor:
         """The weight `name` (`DbrxLM` name), merged with its adapter as `merge_lora` would."""
-        weight = self._read(self.stored_name(name))
+        if name in self._layouts:
+            layout = self._layouts[name]
+            dtype = self._dtype(layout.stored['scales'])
+            weight = dequantize_matrix(self.config, layout, lambda n: self._read(self.stored_name(n)), torch.float32)
+            weight = weight.to(dtype)
+        else:
+            weight = self._read(self.stored_name(name))
         if self.is_adapted(name):
             adapter = [self._read(self._parts[name][part]).float() for part in LORA_PARTS]
             weight = merged_weight(weight.float(), *adapter).to(weight.dtype)
@@ -196,6 +214,10 @@ class ComposerTensors:
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name in self.shapes:
             yield name, self.read(name)
+
+    def _dtype(self, name: str) -> torch.dtype:
+        stored = self.stored_name(name)
+        return self._dcp[stored].properties.dtype if self.sharded else self._weights[stored].dtype
 
     def _read(self, stored_name: str) -> torch.Tensor:
         if not self.sharded:

@@ -12,11 +12,13 @@ format, with a LoRA run's adapters merged into them:
 - `tensors()` streams them one at a time (`export`);
 - `load_into(targets)` fills tensors in place, each rank reading only the part of a sharded
   (DTensor) target it holds (`training.finetune`'s `init_from`);
+- `region_reader()` reads regions of tensors (a QLoRA `init_from` quantizes its rows as it reads them);
 - `load(device, dtype)` builds the `DbrxLM` (`load_pretrained`).
 """
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -41,6 +43,7 @@ from dbrx_train.errors import CheckpointError
 from dbrx_train.model.config import ModelConfig
 from dbrx_train.model.dbrx import DbrxLM
 from dbrx_train.model.init import local_part, local_region
+from dbrx_train.model.quantize import dequantized_config
 from dbrx_train.model.quantize import quantize as quantize_model
 from dbrx_train.uri import is_remote
 
@@ -65,6 +68,10 @@ class SavedModel(ABC):
     @abstractmethod
     def load(self, device='cpu', dtype: torch.dtype | None = None) -> DbrxLM:
         """The model on `device` in eval mode; `dtype` None keeps the stored dtype."""
+
+    @abstractmethod
+    def region_reader(self) -> Callable[[str, tuple[slice, ...]], torch.Tensor]:
+        """`read(name, region)`: that region of tensor `name` (as `tensors()` names and merges it)."""
 
 
 class SafetensorsModel(SavedModel):
@@ -95,6 +102,15 @@ class SafetensorsModel(SavedModel):
     def load(self, device='cpu', dtype: torch.dtype | None = None) -> DbrxLM:
         return materialize(self.config, self.index(), device, dtype)
 
+    def region_reader(self) -> Callable[[str, tuple[slice, ...]], torch.Tensor]:
+        index = self.index()
+
+        def read(name: str, region: tuple[slice, ...]) -> torch.Tensor:
+            with safe_open(index[name].file, framework='pt', device='cpu') as f:
+                return f.get_slice(index[name].key)[region]
+
+        return read
+
 
 class TransformersModel(SafetensorsModel):
     def stored_names(self) -> dict[str, str]:
@@ -102,19 +118,24 @@ class TransformersModel(SafetensorsModel):
 
 
 class ComposerCheckpoint(SavedModel):
-    """A Composer checkpoint of `train.py`: a save_folder (its latest checkpoint) or one checkpoint."""
+    """A Composer checkpoint of `train.py`: a save_folder (its latest checkpoint) or one checkpoint.
+    A QLoRA run's (`stored_config` quantized) reads as the float model: `config` is its float config."""
+
+    def __init__(self, path: Path, format: Format, config: ModelConfig):
+        super().__init__(path, format, dequantized_config(config))
+        self.stored_config = config
 
     def tensors(self, desc: str = 'reading') -> NamedTensors:
-        source = ComposerTensors(self.path, self.config)
+        source = ComposerTensors(self.path, self.stored_config)
         return iter(tqdm(source, desc=desc, total=len(source.shapes), unit='tensor', disable=None))
 
     def load_into(self, targets: dict[str, torch.Tensor], desc: str = 'loading') -> None:
-        source = ComposerTensors(self.path, self.config)
+        source = ComposerTensors(self.path, self.stored_config)
         for name, target in targets.items():
             if tuple(target.shape) != source.shapes[name]:
                 raise CheckpointError(f'{source.checkpoint}: tensor {name} has shape {source.shapes[name]}, the '
                                       f'model needs {tuple(target.shape)}')
-        read_in_place = {name for name in targets if source.sharded and not source.is_adapted(name)}
+        read_in_place = {name for name in targets if source.sharded and source.is_stored_as_read(name)}
         if read_in_place:
             # DCP reads each rank's shard of every target, in place.
             load_sharded({MODEL_PREFIX + source.stored_name(name): targets[name] for name in read_in_place},
@@ -125,9 +146,15 @@ class ComposerCheckpoint(SavedModel):
                 target = targets[name]
                 local_part(target).copy_(source.read(name)[local_region(target)])
 
+    def region_reader(self) -> Callable[[str, tuple[slice, ...]], torch.Tensor]:
+        # Merged adapters and full checkpoints have no partial reading: the last tensor read is kept
+        # for the next regions of it (an expert w2's are read one expert at a time).
+        read_whole = functools.lru_cache(maxsize=1)(ComposerTensors(self.path, self.stored_config).read)
+        return lambda name, region: read_whole(name)[region]
+
     def load(self, device='cpu', dtype: torch.dtype | None = None) -> DbrxLM:
         model = DbrxLM(self.config, device='meta').to_empty(device='cpu')
-        model.load_state_dict(dict(ComposerTensors(self.path, self.config)), strict=True)
+        model.load_state_dict(dict(ComposerTensors(self.path, self.stored_config)), strict=True)
         return model.to(device=device, dtype=dtype).eval()
 
 

@@ -82,8 +82,9 @@ class ModelConfig:
     # Which dropless MoE implementation runs the experts; the weights are the same for all.
     moe_backend: MoEBackendName = 'auto'
     # How the matrices are stored: None in float; 'int8' per-channel int8, 'int4' group-wise int4
-    # (a quantized checkpoint, written by saving a model `dbrx_train.model.quantize` quantized; it
-    # is for inference only). int4 groups this many input weights per scale and zero point.
+    # (a quantized checkpoint, written by saving a model `dbrx_train.model.quantize` quantized), for
+    # inference or as the frozen base of LoRA adapters (QLoRA; a float init_from is quantized as it
+    # is read). int4 groups this many input weights per scale and zero point.
     quantization: Quantization | None = None
     quantization_group_size: int = 128
 

@@ -26,7 +26,7 @@ from dbrx_train.model.generation import generate
 from dbrx_train.model.loss import linear_cross_entropy, load_balancing_loss
 from dbrx_train.model.init import init_normal_, local_part
 from dbrx_train.model.moe import build_experts, run_experts
-from dbrx_train.model.quantize import quantize
+from dbrx_train.model.quantize import QuantizedLinear, compute_dtype, quantize
 
 NORM_EPS = 1e-5
 RESIDUAL_EXPERT_WEIGHTS = ('w2',)  # the experts' projection into the residual stream
@@ -187,8 +187,8 @@ class DbrxLM(nn.Module):
         std = self.config.init_std
         out_std = std / math.sqrt(2 * self.config.n_layers)
         for module_name, module in self.named_modules():
-            if 'parametrizations' in module_name.split('.'):
-                continue  # a LoRA parametrization: its original is its owner's, its adapters are not drawn here
+            if {'parametrizations', 'lora'} & set(module_name.split('.')):
+                continue  # LoRA: a parametrization's original is its owner's; adapters are not drawn here
             for name, param in _base_parameters(module):
                 if isinstance(module, nn.LayerNorm):
                     local_part(param).fill_(1.0)
@@ -270,9 +270,10 @@ class DbrxLM(nn.Module):
         hidden, stats = self.hidden_states(input_ids, attention_mask, sequence_id=sequence_id)
         labels = input_ids if labels is None else labels
         targets = next_token_targets(labels)
-        lm_loss = linear_cross_entropy(
-            hidden.reshape(-1, hidden.shape[-1]), self.lm_head.weight, targets.reshape(-1), IGNORE_INDEX
-        )
+        # A quantized (QLoRA: frozen) LM head, dequantized for the loss, which copies the weight anyway.
+        head = (self.lm_head.dequantized(compute_dtype(hidden)) if isinstance(self.lm_head, QuantizedLinear)
+                else self.lm_head.weight)
+        lm_loss = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), head, targets.reshape(-1), IGNORE_INDEX)
         aux_loss = load_balancing_loss(
             torch.stack([s.mean_probs for s in stats]),
             torch.stack([s.tokens_per_expert for s in stats]),

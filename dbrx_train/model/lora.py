@@ -17,6 +17,13 @@ itself (`(x @ A[e].T) @ B[e].T` next to `x @ w1[e].T`) from the same parameters.
 The base tensor stays in the module as `parametrizations.<name>.original` (frozen), the factors
 as `parametrizations.<name>.0.lora_A` / `lora_B`, and the scale as the buffer `...0.scale`, so a
 training checkpoint describes its adapters completely. `merge_lora` folds them into the weights.
+
+QLoRA: on a quantized model (`dbrx_train.model.quantize`, int4 or int8) the base stays frozen in its
+stored form and the same adapters (same shapes, same initial values) live in the quantized module as
+`lora.<name>` (`blocks.0.ffn.experts.lora.w1.lora_A`, `blocks.0.attn.Wqkv.lora.weight.lora_B`): the
+module dequantizes each matrix just in time for its matmul and adds the update computed on the
+inputs, `scale * (x @ A.T) @ B.T`, so no float copy of a base matrix outlives its matmul. Such a
+model merges by dequantizing (`export`, `checkpoints.composer.ComposerTensors`).
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from torch.nn.utils import parametrize
 from dbrx_train.errors import ConfigError
 from dbrx_train.model.dbrx import DbrxLM
 from dbrx_train.model.moe import Experts, replace_experts
+from dbrx_train.model.quantize import QuantizedModule
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +54,7 @@ EXPERT_TARGETS = ('w1', 'v1', 'w2')
 # A parameter or buffer name of an adapted model -> (the tensor's name in a plain model, part).
 _ADAPTED_NAME = re.compile(
     r'^(?P<owner>.*)\.parametrizations\.(?P<tensor>[^.]+)\.(?:original|0\.(?P<part>lora_A|lora_B|scale))$')
+_QLORA_NAME = re.compile(r'^(?P<owner>.*)\.lora\.(?P<tensor>[^.]+)\.(?P<part>lora_A|lora_B|scale)$')
 
 
 @dataclass(frozen=True)
@@ -107,9 +116,14 @@ class LowRankUpdate(nn.Module):
         """A forward hook of the adapted `Linear`: adds the update computed on dropped-out inputs."""
         if not (self.input_dropout and self.training):
             return output
-        x = F.dropout(args[0], self.input_dropout, training=True)
+        return output + self.input_update(args[0])
+
+    def input_update(self, x: torch.Tensor) -> torch.Tensor:
+        """A one-block adapter's update computed on the inputs, `scale * dropout(x) @ A.T @ B.T`
+        (dropout in training only): what a `Linear` adds to `x @ W.T`."""
+        x = F.dropout(x, self.input_dropout, training=self.training) if self.input_dropout else x
         low_rank = F.linear(F.linear(x, self.lora_A[0].to(x.dtype)), self.lora_B[0].to(x.dtype))
-        return output + low_rank * self.scale.to(x.dtype)
+        return low_rank * self.scale.to(x.dtype)
 
 
 def merged_weight(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
@@ -131,12 +145,13 @@ def apply_lora(model: DbrxLM, config: LoraConfig) -> None:
     for i in layers:
         for target in config.targets:
             if target in ATTENTION_TARGETS:
-                _adapt(getattr(model.blocks[i].attn, target), 'weight', 1, config, config.dropout)
+                _adapt(getattr(model.blocks[i].attn, target), 'weight', 1, config, model.wte.weight.dtype,
+                       config.dropout)
 
     def adapt_experts(experts: Experts) -> Experts:
         for target in config.targets:
             if target in EXPERT_TARGETS:
-                _adapt(experts, target, experts.num_experts, config)
+                _adapt(experts, target, experts.num_experts, config, model.wte.weight.dtype)
         return experts  # adapted in place: the parametrization is registered on the module
 
     replace_experts(model, adapt_experts, layers)
@@ -146,13 +161,21 @@ def apply_lora(model: DbrxLM, config: LoraConfig) -> None:
                 tensor.copy_(value)
 
 
-def _adapt(module: nn.Module, name: str, blocks: int, config: LoraConfig, input_dropout: float = 0.0) -> None:
+def _adapt(module: nn.Module, name: str, blocks: int, config: LoraConfig, float_dtype: torch.dtype,
+           input_dropout: float = 0.0) -> None:
     """Registers a `LowRankUpdate` on `module.<name>`, a `(blocks * out, in)` weight; with `input_dropout`
-    (a `Linear`), the forward hook that computes the update on dropped-out inputs in training."""
-    base = getattr(module, name)
-    out_features, in_features = base.shape[0] // blocks, base.shape[1]
-    update = LowRankUpdate(blocks, out_features, in_features, config.r, config.alpha, base.device, base.dtype,
-                           input_dropout)
+    (a `Linear`), the forward hook that computes the update on dropped-out inputs in training. A
+    quantized module keeps it as `module.lora[name]` and applies it itself (QLoRA)."""
+    if isinstance(module, QuantizedModule):  # factors in the dtype of the model's float weights
+        (rows, in_features), dtype = module.float_shape(name), float_dtype
+        device = getattr(module, module._buffer(name, '')).device
+    else:
+        base = getattr(module, name)
+        (rows, in_features), dtype, device = base.shape, base.dtype, base.device
+    update = LowRankUpdate(blocks, rows // blocks, in_features, config.r, config.alpha, device, dtype, input_dropout)
+    if isinstance(module, QuantizedModule):
+        module.lora[name] = update
+        return
     parametrize.register_parametrization(module, name, update)
     if input_dropout:
         update.hook = module.register_forward_hook(update.dropout_update)
@@ -181,7 +204,7 @@ def split_adapted_name(name: str) -> tuple[str, str]:
     """`(plain name, part)` of a state-dict key: part is 'weight' for a base tensor (adapted or not),
     else 'lora_A', 'lora_B' or 'scale'. `blocks.0.ffn.experts.parametrizations.w1.0.lora_A` ->
     (`blocks.0.ffn.experts.w1`, 'lora_A')."""
-    match = _ADAPTED_NAME.match(name)
+    match = _ADAPTED_NAME.match(name) or _QLORA_NAME.match(name)
     if match is None:
         return name, 'weight'
     return f'{match["owner"]}.{match["tensor"]}', match['part'] or 'weight'
@@ -199,7 +222,10 @@ def base_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
 
 
 def merge_lora(model: nn.Module) -> None:
-    """Folds every adapter into its weight: `model` becomes a plain `DbrxLM` with the same outputs."""
+    """Folds every adapter into its weight: `model` becomes a plain `DbrxLM` with the same outputs.
+    A QLoRA model's adapters fold into the dequantized weights: export it."""
+    if any(isinstance(m, QuantizedModule) and m.lora for m in model.modules()):
+        raise ValueError('a QLoRA model merges into its dequantized weights: export it (dbrx_train.export)')
     for _, adapter in adapters(model):
         adapter.eval()  # the merged weight, whatever mode the model is in
         if hasattr(adapter, 'hook'):

@@ -24,7 +24,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, ignore_index):
-        loss, grad_hidden, grad_weight = _chunked_loss_and_grads(hidden, weight, targets, ignore_index, True)
+        loss, grad_hidden, grad_weight = _chunked_loss_and_grads(hidden, weight, targets, ignore_index, True,
+                                                                 weight.requires_grad)
         ctx.save_for_backward(grad_hidden, grad_weight)
         return loss
 
@@ -35,11 +36,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # as they are instead of copying the LM head's (vocab, d_model) gradient at peak memory.
         if not torch.equal(grad_loss, torch.ones_like(grad_loss)):
             grad_hidden = grad_hidden * grad_loss.to(grad_hidden.dtype)
-            grad_weight = grad_weight * grad_loss.to(grad_weight.dtype)
+            grad_weight = None if grad_weight is None else grad_weight * grad_loss.to(grad_weight.dtype)
         return grad_hidden, grad_weight, None, None
 
 
-def _chunked_loss_and_grads(hidden, weight, targets, ignore_index, with_grads):
+def _chunked_loss_and_grads(hidden, weight, targets, ignore_index, with_grads, with_weight_grad=True):
+    """With `with_grads`, the gradients of `hidden` and (unless the head is frozen, `with_weight_grad`
+    False: LoRA, QLoRA) of `weight`: a frozen head's would be a `(vocab, d_model)` fp32 tensor of waste."""
     device_type = hidden.device.type
     compute_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
     with torch.autocast(device_type=device_type, enabled=False):
@@ -49,7 +52,8 @@ def _chunked_loss_and_grads(hidden, weight, targets, ignore_index, with_grads):
         n_valid = valid_all.sum().clamp(min=1)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if with_grads else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if with_grads else None
+        with_weight_grad = with_grads and with_weight_grad
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if with_weight_grad else None
         rows = max(1, CHUNK_LOGITS // weight.shape[0])
         for start in range(0, h_all.shape[0], rows):
             h = h_all[start : start + rows]
@@ -72,9 +76,10 @@ def _chunked_loss_and_grads(hidden, weight, targets, ignore_index, with_grads):
                 grad_logits[torch.arange(len(t), device=t.device), safe_t] -= row_weight
                 grad_logits = grad_logits.to(compute_dtype)
                 grad_hidden[start : start + rows] = (grad_logits @ w).to(hidden.dtype)
-                _add_matmul_(grad_weight, grad_logits.t(), h)
+                if with_weight_grad:
+                    _add_matmul_(grad_weight, grad_logits.t(), h)
     loss = total / n_valid
-    if with_grads:
+    if with_weight_grad:
         grad_weight = grad_weight.to(weight.dtype)
     return loss, grad_hidden, grad_weight
 

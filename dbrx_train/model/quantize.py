@@ -33,15 +33,17 @@ dependency pinned to one torch release; the two aten ops are all it would contri
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from typing import get_args
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from dbrx_train.errors import ConfigError
 from dbrx_train.model.config import INT4_GROUP_SIZES, Quantization
+from dbrx_train.model.init import local_part, local_region
 from dbrx_train.model.moe import Experts, GLUExperts, replace_experts
 from dbrx_train.model.moe.torch_dropless import ExpertFFN, dropless_moe
 
@@ -118,7 +120,8 @@ def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Ten
                     dtype: torch.dtype) -> torch.Tensor:
     """The `(out, in)` matrix in `dtype` that `quantize_groups` stored."""
     q = unpack_int4(packed).view(*scales.shape, -1).to(dtype)
-    return ((q - _INT4_MID) * scales[..., None].to(dtype) + zeros[..., None].to(dtype)).flatten(1)
+    # In place: one float temporary the size of the matrix (QLoRA dequantizes just in time, per matmul).
+    return q.sub_(_INT4_MID).mul_(scales[..., None].to(dtype)).add_(zeros[..., None].to(dtype)).flatten(1)
 
 
 def int4_kernel_runs(x: torch.Tensor, out_features: int, group_size: int) -> bool:
@@ -181,6 +184,10 @@ class WeightFormat:
     def linear(self, x: torch.Tensor, parts: dict[str, torch.Tensor], cache: Int4KernelCache, key) -> torch.Tensor:
         raise NotImplementedError
 
+    def dequantize(self, parts: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        """The `(out, in)` matrix in `dtype` that `parts` store."""
+        raise NotImplementedError
+
 
 class Int8Format(WeightFormat):
     name, suffixes = 'int8', ('', 'scales')
@@ -194,6 +201,9 @@ class Int8Format(WeightFormat):
 
     def linear(self, x, parts, cache, key):
         return int8_linear(x, parts[''], parts['scales'])
+
+    def dequantize(self, parts, dtype):
+        return parts[''].to(dtype).mul_(parts['scales'].to(dtype)[:, None])
 
 
 class Int4Format(WeightFormat):
@@ -218,21 +228,133 @@ class Int4Format(WeightFormat):
     def linear(self, x, parts, cache, key):
         return int4_linear(x, parts[''], parts['scales'], parts['zeros'], cache, key)
 
+    def dequantize(self, parts, dtype):
+        return dequantize_int4(parts[''], parts['scales'], parts['zeros'], dtype)
+
 
 def weight_format(method: str, group_size: int) -> WeightFormat:
     return Int4Format(group_size) if method == 'int4' else Int8Format()
 
 
-class QuantizedLinear(nn.Module):
+class StoredParts:
+    """A quantized module's stored tensors, whole: a sharded one (a DTensor, the frozen base of a QLoRA
+    run laid out by `shard_quantized`) is gathered on first use and dropped by `release`. The forward
+    pass releases them when the module is done; the backward pass gathers them again and its last
+    matmul releases them. Between the passes a rank holds only its shards, as FSDP2 does for weights."""
+
+    def __init__(self, module: nn.Module):
+        self.module, self.whole, self.pending = module, {}, 0
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self.whole:
+            stored = getattr(self.module, name)
+            self.whole[name] = stored.full_tensor() if isinstance(stored, DTensor) else stored
+        return self.whole[name]
+
+    def release(self) -> None:
+        self.whole.clear()
+
+
+@dataclass(frozen=True)
+class StoredMatrix:
+    """One frozen quantized matrix: rows `rows` of the tensors `names` (suffix -> buffer) of `parts`."""
+
+    parts: StoredParts
+    fmt: WeightFormat
+    names: dict[str, str]
+    rows: slice = field(default_factory=lambda: slice(None))
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        return self.fmt.dequantize({suffix: self.parts[name][self.rows] for suffix, name in self.names.items()}, dtype)
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
+def frozen_linear(x: torch.Tensor, matrix: StoredMatrix) -> torch.Tensor:
+    """`x @ W.T` for the frozen matrix `W`, dequantized just before the matmul and freed after it; with
+    autograd through `x`, the backward pass dequantizes `W` again instead of keeping a float copy."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _FrozenLinear.apply(x, matrix)
+    dtype = compute_dtype(x)
+    return F.linear(x.to(dtype), matrix.dequantize(dtype))
+
+
+class _FrozenLinear(torch.autograd.Function):
+    """Saves no tensor: only where the matrix is stored (its shards, when sharded)."""
+
+    @staticmethod
+    def forward(ctx, x, matrix: StoredMatrix):
+        ctx.matrix, ctx.x_dtype, dtype = matrix, x.dtype, compute_dtype(x)
+        matrix.parts.pending += 1
+        return F.linear(x.to(dtype), matrix.dequantize(dtype))
+
+    @staticmethod
+    def backward(ctx, grad):
+        matrix = ctx.matrix
+        grad_x = (grad @ matrix.dequantize(grad.dtype)).to(ctx.x_dtype)
+        matrix.parts.pending -= 1
+        if not matrix.parts.pending:
+            matrix.parts.release()
+        return grad_x, None
+
+
+class QuantizedModule(nn.Module):
+    """What the quantized modules share: the format, the kernel's cache, and the QLoRA adapters of their
+    matrices (`lora[name]`, a `dbrx_train.model.lora.LowRankUpdate` with the float LoRA's factors).
+    Adapted, sharded, or with gradients to pass back, a module dequantizes each matrix just in time
+    (`frozen_linear`) and adds its adapter's low-rank update computed on the inputs; otherwise it takes
+    the inference kernels."""
+
+    def __init__(self, fmt: WeightFormat):
+        super().__init__()
+        self.format = fmt
+        self.kernel_cache = Int4KernelCache()
+        self.lora = nn.ModuleDict()
+
+    def float_shape(self, name: str) -> tuple[int, int]:
+        """The shape of matrix `name` in the float model (what its adapter's factors are sized by)."""
+        raise NotImplementedError
+
+    def _matrices(self) -> tuple[tuple[str, int, int], ...]:
+        """(name, rows, columns) of the matrices as stored (of one expert's, for experts)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def _buffer(name: str, suffix: str) -> str:
+        return f'{name}_{suffix}' if suffix else name
+
+    def _names(self, name: str) -> dict[str, str]:
+        return {suffix: self._buffer(name, suffix) for suffix in self.format.suffixes}
+
+    def sharded(self) -> bool:
+        return any(isinstance(b, DTensor) for b in self.buffers(recurse=False))
+
+    def _just_in_time(self, x: torch.Tensor) -> bool:
+        return bool(self.lora) or self.sharded() or (torch.is_grad_enabled() and x.requires_grad)
+
+
+class QuantizedLinear(QuantizedModule):
     """A bias-free `nn.Linear` whose weight is stored in a quantized `WeightFormat`: buffers
     `weight` and the format's others (`scales`, ...)."""
 
     def __init__(self, in_features: int, out_features: int, fmt: WeightFormat, dtype: torch.dtype, device=None):
-        super().__init__()
-        self.in_features, self.out_features, self.format = in_features, out_features, fmt
-        self.kernel_cache = Int4KernelCache()
+        super().__init__(fmt)
+        self.in_features, self.out_features = in_features, out_features
         for suffix, (shape, part_dtype) in fmt.parts(out_features, in_features).items():
             self.register_buffer(suffix or 'weight', torch.empty(shape, dtype=part_dtype or dtype, device=device))
+
+    @staticmethod
+    def _buffer(name: str, suffix: str) -> str:
+        return suffix or name
+
+    def _matrices(self):
+        return (('weight', self.out_features, self.in_features),)
+
+    def float_shape(self, name):
+        return self.out_features, self.in_features
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, fmt: WeightFormat, empty: bool = False) -> 'QuantizedLinear':
@@ -244,14 +366,25 @@ class QuantizedLinear(nn.Module):
         return module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        parts = {suffix: getattr(self, suffix or 'weight') for suffix in self.format.suffixes}
-        return self.format.linear(x, parts, self.kernel_cache, None)
+        if not self._just_in_time(x):
+            parts = {suffix: getattr(self, name) for suffix, name in self._names('weight').items()}
+            return self.format.linear(x, parts, self.kernel_cache, None)
+        parts = StoredParts(self)
+        y = frozen_linear(x, StoredMatrix(parts, self.format, self._names('weight')))
+        parts.release()
+        if 'weight' in self.lora:
+            y = y + self.lora['weight'].input_update(x).to(y.dtype)
+        return y
+
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        """The whole float weight (gathered when sharded): the LM head's, for the fused training loss."""
+        return StoredMatrix(StoredParts(self), self.format, self._names('weight')).dequantize(dtype)
 
     def extra_repr(self) -> str:
         return f'in_features={self.in_features}, out_features={self.out_features}, {self.format.name}'
 
 
-class QuantizedExperts(Experts):
+class QuantizedExperts(QuantizedModule, Experts):
     """The dropless GLU experts with weights in a quantized `WeightFormat`. `w1`/`v1` keep the float
     layout `(E * ffn, d)` (a row is an output channel); `w2` is stored per expert transposed,
     `(E * d, ffn)`, so that its output channels are rows too and every expert multiplies by a
@@ -259,22 +392,21 @@ class QuantizedExperts(Experts):
 
     def __init__(self, d_model: int, ffn_hidden_size: int, num_experts: int, fmt: WeightFormat, dtype: torch.dtype,
                  device=None):
-        super().__init__(d_model, ffn_hidden_size, num_experts)
+        Experts.__init__(self, d_model, ffn_hidden_size, num_experts)
         self.format = fmt
         self.kernel_cache = Int4KernelCache()
+        self.lora = nn.ModuleDict()
         for name, rows, cols in self._matrices():
             for suffix, (shape, part_dtype) in fmt.parts(num_experts * rows, cols).items():
                 self.register_buffer(self._buffer(name, suffix),
                                      torch.empty(shape, dtype=part_dtype or dtype, device=device))
 
     def _matrices(self) -> tuple[tuple[str, int, int], ...]:
-        """(name, rows, columns) of one expert's matrices as stored."""
         ffn, d = self.ffn_hidden_size, self.d_model
         return ('w1', ffn, d), ('v1', ffn, d), ('w2', d, ffn)
 
-    @staticmethod
-    def _buffer(name: str, suffix: str) -> str:
-        return f'{name}_{suffix}' if suffix else name
+    def float_shape(self, name):
+        return self.num_experts * self.ffn_hidden_size, self.d_model
 
     @classmethod
     def from_experts(cls, experts: GLUExperts, fmt: WeightFormat, empty: bool = False) -> 'QuantizedExperts':
@@ -288,7 +420,12 @@ class QuantizedExperts(Experts):
         return module
 
     def forward(self, x: torch.Tensor, top_weights: torch.Tensor, top_experts: torch.Tensor) -> torch.Tensor:
-        return dropless_moe(x, top_weights, top_experts, self.num_experts, self.expert_ffn())
+        if not self._just_in_time(x):
+            return dropless_moe(x, top_weights, top_experts, self.num_experts, self.expert_ffn())
+        parts = StoredParts(self)
+        out = dropless_moe(x, top_weights, top_experts, self.num_experts, self.adapted_ffn(parts))
+        parts.release()
+        return out
 
     def expert_ffn(self) -> ExpertFFN:
         def linear(name: str, rows_per_expert: int, e: int, x: torch.Tensor) -> torch.Tensor:
@@ -304,8 +441,129 @@ class QuantizedExperts(Experts):
 
         return ffn_of
 
+    def adapted_ffn(self, parts: StoredParts) -> ExpertFFN:
+        """Expert `e`'s GLU with each matrix dequantized just in time and its adapter's update
+        `scale * (x @ A[e].T) @ B[e].T` added (for `w2`, stored transposed: `scale * (x @ B[e]) @ A[e]`)."""
+        ffn, d = self.ffn_hidden_size, self.d_model
+        # unbind, not A[e]: each select's backward would write a zero-filled full-size gradient.
+        factors = {name: (a.unbind(0), b.unbind(0), adapter.scale)
+                   for name, adapter in self.lora.items() for a, b in [(adapter.lora_A, adapter.lora_B)]}
+
+        def linear(name: str, rows_per_expert: int, e: int, x: torch.Tensor) -> torch.Tensor:
+            rows = slice(e * rows_per_expert, (e + 1) * rows_per_expert)
+            y = frozen_linear(x, StoredMatrix(parts, self.format, self._names(name), rows))
+            if name in factors:
+                a, b, scale = factors[name]
+                first, second = (b[e].t(), a[e].t()) if name == 'w2' else (a[e], b[e])
+                y = y + (F.linear(F.linear(x, first.to(x.dtype)), second.to(x.dtype)) * scale.to(x.dtype)).to(y.dtype)
+            return y
+
+        def ffn_of(e: int, rows: torch.Tensor) -> torch.Tensor:
+            return linear('w2', d, e, F.silu(linear('w1', ffn, e, rows)) * linear('v1', ffn, e, rows))
+
+        return ffn_of
+
     def extra_repr(self) -> str:
-        return f'{super().extra_repr()}, {self.format.name}'
+        return f'{Experts.extra_repr(self)}, {self.format.name}'
+
+
+def shard_quantized(model: nn.Module, mesh) -> None:
+    """Shards every stored tensor of the quantized modules of `model` by rows over the 1-D `mesh`
+    (a `DTensor` `Shard(0)`, as FSDP2 shards weights): each rank keeps its rows of the values it holds
+    (or of nothing, on meta), nothing is sent. The modules gather a matrix when they multiply by it."""
+    for module in model.modules():
+        if isinstance(module, QuantizedModule):
+            for name, buffer in list(module.named_buffers(recurse=False)):
+                module._buffers[name] = distribute_tensor(buffer, mesh, [Shard(0)], src_data_rank=None)
+
+
+def store_scales_in(model: nn.Module, dtype: torch.dtype) -> None:
+    """Casts the scales and zero points of every quantized module of `model` to `dtype`: a QLoRA base
+    keeps 16-bit ones in an fp32 model (int4 at 4 + 32 / group_size bits per weight)."""
+    for module in model.modules():
+        if isinstance(module, QuantizedModule):
+            for name, buffer in list(module.named_buffers(recurse=False)):
+                if buffer.is_floating_point():
+                    module._buffers[name] = buffer.to(dtype)
+
+
+# ---------------------------------------------------------------- float <-> stored names
+
+
+@dataclass(frozen=True)
+class MatrixLayout:
+    """Where a float matrix of the model (`float_name`, as in a float checkpoint) lives in a quantized
+    model's state dict: `stored` maps each format suffix to its tensor name. `experts` > 0: an expert
+    `w2`, stored per expert transposed (`(E * d, ffn)` for the float `(E * ffn, d)`)."""
+
+    float_name: str
+    stored: dict[str, str]
+    experts: int = 0
+
+    def float_rows(self, read, rows: slice, shape: tuple[int, int]) -> torch.Tensor:
+        """Rows `rows` of the stored layout, in float, from `read(region)` of the float `shape` matrix."""
+        if not self.experts:
+            return read((rows, slice(None)))
+        ffn, d = shape[0] // self.experts, shape[1]
+        start, stop = rows.start, rows.stop
+        blocks = []
+        for e in range(start // d, (stop - 1) // d + 1):
+            lo, hi = max(start, e * d) - e * d, min(stop, (e + 1) * d) - e * d
+            blocks.append(read((slice(e * ffn, (e + 1) * ffn), slice(lo, hi))).t())
+        return torch.cat(blocks)
+
+    def to_float(self, stored: torch.Tensor) -> torch.Tensor:
+        """The float layout of the dequantized stored matrix."""
+        if not self.experts:
+            return stored
+        rows, ffn = stored.shape
+        return stored.view(self.experts, rows // self.experts, ffn).transpose(1, 2).reshape(-1, rows // self.experts)
+
+
+def matrix_layouts(config) -> list[MatrixLayout]:
+    """The quantized matrices of a model of `config` (quantized), by float name."""
+    fmt = weight_format(config.quantization, config.quantization_group_size)
+
+    def stored(prefix: str, name: str, separator: str) -> dict[str, str]:
+        return {suffix: f'{prefix}{name}{separator}{suffix}' if suffix else f'{prefix}{name}' for suffix in fmt.suffixes}
+
+    layouts = []
+    for i in range(config.n_layers):
+        for attn in ('Wqkv', 'out_proj'):
+            prefix = f'blocks.{i}.attn.{attn}.'
+            layouts.append(MatrixLayout(f'{prefix}weight', {s: f'{prefix}{s or "weight"}' for s in fmt.suffixes}))
+        for name in ('w1', 'v1', 'w2'):
+            layouts.append(MatrixLayout(f'blocks.{i}.ffn.experts.{name}', stored(f'blocks.{i}.ffn.experts.', name, '_'),
+                                        config.ffn_config.moe_num_experts if name == 'w2' else 0))
+    layouts.append(MatrixLayout('lm_head.weight', {s: f'lm_head.{s or "weight"}' for s in fmt.suffixes}))
+    return layouts
+
+
+def dequantized_config(config):
+    """The float model config of a quantized one (what dequantizing its weights gives)."""
+    return replace(config, quantization=None)
+
+
+def dequantize_matrix(config, layout: MatrixLayout, read, dtype: torch.dtype) -> torch.Tensor:
+    """The float matrix `layout.float_name` of a quantized model of `config`, in `dtype`, from
+    `read(stored name)`."""
+    fmt = weight_format(config.quantization, config.quantization_group_size)
+    return layout.to_float(fmt.dequantize({suffix: read(name) for suffix, name in layout.stored.items()}, dtype))
+
+
+@torch.no_grad()
+def quantize_into(config, layout: MatrixLayout, targets: dict[str, torch.Tensor], read,
+                  shape: tuple[int, int]) -> None:
+    """Fills this rank's rows of the stored tensors `targets` (by stored name; DTensors or plain) of
+    `layout` with the quantized float rows they hold, read as regions of the float `shape` matrix by
+    `read(region)`: a rank reads and quantizes its own rows only."""
+    fmt = weight_format(config.quantization, config.quantization_group_size)
+    rows = local_region(targets[layout.stored['']])[0]
+    if rows.stop <= rows.start:
+        return  # FSDP-style chunks leave the last ranks of a short matrix without rows
+    quantized = fmt.quantize(layout.float_rows(read, rows, shape).to(targets[layout.stored['scales']].dtype))
+    for suffix, name in layout.stored.items():
+        local_part(targets[name]).copy_(quantized[suffix])
 
 
 @torch.no_grad()

@@ -130,8 +130,9 @@ class TrainConfig:
             raise ConfigError('tokenizer.kwargs.model_max_length', f'{self.tokenizer.model_max_length} is shorter '
                                                                    f'than max_seq_len ({self.seq_len})')
         check_icl_seq_lens(self.icl_tasks or (), self.icl_seq_len, self.model.max_seq_len)
-        if self.model.quantization is not None:
-            raise ConfigError('model.quantization', 'quantized weights are for inference; train the float model')
+        if self.model.quantization is not None and self.lora is None:
+            raise ConfigError('model.quantization', 'a quantized base trains only frozen, under LoRA adapters '
+                                                    '(QLoRA): add a lora section, or train the float model')
         if self.autoresume and not self.save_folder:
             raise ConfigError('autoresume', 'needs save_folder (where to look for the latest checkpoint)')
         for section in ('optimizer', 'scheduler'):
@@ -159,6 +160,8 @@ class TrainConfig:
         if self.fsdp_config is None or self.fsdp_config.sharding_strategy != 'FULL_SHARD':
             raise ConfigError(MOE_WORLD_SIZE_KEY, 'expert parallelism needs fsdp_config with sharding_strategy '
                                                   'FULL_SHARD')
+        if self.model.quantization is not None:
+            raise ConfigError(MOE_WORLD_SIZE_KEY, 'a quantized (QLoRA) base is not supported with expert parallelism')
         if self.lora is not None:
             raise ConfigError(MOE_WORLD_SIZE_KEY, 'LoRA adapters are not supported with expert parallelism')
 

@@ -10,20 +10,31 @@ checkpoint keeps what it resumed.
 
 `init_from` is a transformers DBRX directory, a dbrx_train checkpoint, or a Composer save_folder /
 checkpoint of this framework (a full `.pt` one is a single pickle, read whole).
+
+QLoRA (`model.quantization` with `lora`): a float `init_from` is quantized as it is read, each rank
+reading the float rows of the quantized rows it holds (safetensors slices; a Composer checkpoint's
+tensors one at a time) and quantizing them: no rank ever holds the float model. A quantized
+checkpoint of the same format is copied as stored.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import functools
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+
+import torch
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import _CHECKPOINT_PREFIX
+from tqdm import tqdm
 
 from dbrx_train.checkpoints.formats import open_saved
 from dbrx_train.errors import ConfigError
 from dbrx_train.model.config import ModelConfig
 from dbrx_train.model.dbrx import DbrxLM
 from dbrx_train.model.lora import LoraConfig, apply_lora, base_parameters, check_layers
+from dbrx_train.model.quantize import matrix_layouts, quantize_into, store_scales_in
 from dbrx_train.typed_config import to_dict
 
 log = logging.getLogger(__name__)
@@ -64,7 +75,10 @@ def apply_freeze(model: DbrxLM, config: FreezeConfig) -> None:
 
 
 def prepare_model(model: DbrxLM, freeze: FreezeConfig | None, lora: LoraConfig | None) -> None:
-    """Freezing and adapters, before the optimizer sees the parameters."""
+    """Freezing and adapters, before the optimizer sees the parameters. A quantized (QLoRA) base keeps
+    bf16 scales and zeros, whatever the training precision: it is frozen, and dequantized to compute."""
+    if model.config.quantization is not None:
+        store_scales_in(model, torch.bfloat16)
     if freeze is not None:
         apply_freeze(model, freeze)
     if lora is not None:
@@ -79,7 +93,11 @@ def prepare_model(model: DbrxLM, freeze: FreezeConfig | None, lora: LoraConfig |
 
 
 def check_compatible(config: ModelConfig, source_config: ModelConfig, source: str | Path) -> None:
-    """`ConfigError` naming the first `model` setting that differs from the checkpoint's architecture."""
+    """`ConfigError` naming the first `model` setting that differs from the checkpoint's architecture.
+    A float checkpoint fits a quantized model (it is quantized as it is read)."""
+    if source_config.quantization is None:
+        source_config = replace(source_config, quantization=config.quantization,
+                                quantization_group_size=config.quantization_group_size)
     ours, theirs = _flatten(to_dict(config)), _flatten(to_dict(source_config))
     for key, value in ours.items():
         if key not in TRAINING_ONLY_SETTINGS and theirs[key] != value:
@@ -115,9 +133,24 @@ def check_init_from(init_from: str | None, config: ModelConfig) -> None:
 
 
 def load_initial_weights(model: DbrxLM, source: str | Path) -> None:
-    """Fills every base parameter of `model` (plain, LoRA-adapted, FSDP-sharded) from `source`."""
+    """Fills every base parameter of `model` (plain, LoRA-adapted, FSDP-sharded) from `source`; the
+    stored tensors of a quantized base (QLoRA) too, quantizing a float `source` as it is read."""
     saved = open_saved(source)
     check_compatible(model.config, saved.config, saved.path)
     targets = base_parameters(model)
+    quantized = {}
+    if model.config.quantization is not None:
+        quantized = {name.replace(_CHECKPOINT_PREFIX, ''): buffer for name, buffer in model.named_buffers()
+                     if not name.endswith('.scale')}  # .scale: LoRA's alpha / r, not a weight
+        if saved.config.quantization is not None:  # the same format (check_compatible): copied as stored
+            targets.update(quantized)
+            quantized = {}
     saved.load_into(targets, desc='loading init_from')
-    log.info('loaded %d tensors from %s (%s)', len(targets), saved.path, saved.format.name)
+    if quantized:
+        read = saved.region_reader()
+        shapes = {name: tuple(t.shape) for name, t in base_parameters(DbrxLM(saved.config, device='meta')).items()}
+        for layout in tqdm(matrix_layouts(model.config), desc='quantizing init_from', unit='matrix', disable=None):
+            quantize_into(model.config, layout, quantized, functools.partial(read, layout.float_name),
+                          shapes[layout.float_name])
+    log.info('loaded %d tensors from %s (%s)%s', len(targets) + len(quantized), saved.path, saved.format.name,
+             f', quantized to {model.config.quantization}' if quantized else '')

@@ -27,6 +27,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 
 from dbrx_train.chat_template import ChatTemplateName
 from dbrx_train.checkpoints.export import state_dict_tensors, write_transformers_dir
+from dbrx_train.model.quantize import dequantized_config
 from dbrx_train.errors import ConfigError
 from dbrx_train.uri import is_remote
 
@@ -71,7 +72,8 @@ class HFCheckpointer(Callback):
             weights = {name: t.detach() for name, t in model.state_dict().items()}
         if dist.get_global_rank() == 0:
             with torch.no_grad():
-                write_transformers_dir(model.config, state_dict_tensors(model.config, weights), out, self.dtype,
+                write_transformers_dir(dequantized_config(model.config), state_dict_tensors(model.config, weights), out,
+                                       self.dtype,
                                        overwrite=self.overwrite, chat_template=self.chat_template,
                                        model_max_length=self.model_max_length)
             log.info('hf_checkpointer: wrote %s', out)

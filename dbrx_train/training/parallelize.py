@@ -20,7 +20,9 @@ The mesh, by layout (world = all ranks):
 3. `compile_config`: torch.compile per block (`dbrx_train.model.compile`), the experts left eager;
    after checkpointing and before FSDP2, as torchtitan orders them;
 4. FSDP2: each block's experts (EP) over `dp`, each block over the data mesh, the root module
-   (embedding, final norm, LM head) last;
+   (embedding, final norm, LM head) last. A quantized (QLoRA) base is sharded by rows like the weights
+   (`model.quantize.shard_quantized`: FSDP2 groups only tensors of one dtype, and packed int4 is
+   uint8) and gathered by its modules matrix by matrix; its adapters are FSDP2's;
 5. materialisation: a model built on `meta` becomes empty local shards on the device (`to_empty`)
    and every rank initialises its own shards (`DbrxLM.init_weights`: the values do not depend on
    the layout, see `dbrx_train.model.init`); LoRA adapters get their initial values;
@@ -45,6 +47,7 @@ from dbrx_train.model.init import local_part, local_region
 from dbrx_train.model.lora import initial_adapter_values
 from dbrx_train.model.moe import replace_experts
 from dbrx_train.model.moe.expert_parallel import ExpertParallelExperts
+from dbrx_train.model.quantize import shard_quantized
 from dbrx_train.training.config import TrainConfig
 from dbrx_train.training.gradient_average import fix_gradient_average
 from dbrx_train.training.hardware import gpu_memory_bytes, host_memory_bytes
@@ -97,6 +100,8 @@ def check_memory(cfg: TrainConfig, world_size: int, ranks_per_host: int, device:
     """One line, before the model is built, when this layout cannot fit this host's (or GPU's) memory."""
     trains_all = cfg.lora is None and cfg.freeze is None  # else a lower bound: the weights alone
     per_param = 4 + (4 + optimizer_state_bytes(cfg.optimizer['name']) if trains_all else 0)
+    if cfg.model.quantization is not None:  # QLoRA: a byte bounds a stored weight (int4 ~0.53, int8 ~1)
+        per_param = 1
     placement = Placement(ranks_per_host, device == 'gpu', cfg.init_device == 'cpu', per_param)
     check_fits(cfg.model, layout_of(cfg, world_size), placement, host_memory_bytes(),
                gpu_memory_bytes() if device == 'gpu' else 0)
@@ -130,6 +135,8 @@ def parallelize(model: DbrxLM, cfg: TrainConfig, mesh: DeviceMesh, device: str =
         mp_policy = create_mixed_precision_policy(Precision(cfg.precision), fsdp.mixed_precision)
         data_mesh = mesh._flatten('dp_ep') if expert_parallel else mesh
         options = dict(reshard_after_forward=fsdp.reshard_after_forward, mp_policy=mp_policy or MixedPrecisionPolicy())
+        hybrid = fsdp.sharding_strategy == 'HYBRID_SHARD'
+        shard_quantized(model, mesh['dp_shard'] if hybrid else data_mesh)
         for block in model.blocks:
             if expert_parallel:
                 fully_shard(block.ffn.experts, mesh=mesh['dp'], **options)

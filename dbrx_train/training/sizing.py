@@ -269,3 +269,68 @@ def check_fits(config: ModelConfig, layout: Layout, placement: Placement, host_b
                f'{placement.ranks_per_host})')
     raise UserError(f'layout does not fit: {problem} (world size {layout.world_size}, moe_world_size '
                     f'{config.ffn_config.moe_world_size}); {fix}; set check_memory: false to start anyway')
+
+
+# ---------------------------------------------------------------- QLoRA: a frozen quantized base
+
+
+@dataclass(frozen=True)
+class QLoraSize:
+    """Rank 0's bytes in a QLoRA layout: the frozen base (its quantized matrices with their 16-bit
+    scales and zeros, and the float rest in fp32) and the trainable adapters (fp32, with fp32 gradients
+    and AdamW's two fp32 moments). FSDP-sharded like the weights of a float layout (rank 0's rows)."""
+
+    base_quantized: int
+    base_float: int
+    adapters: int
+    adapter_numel: int
+    gathered_bytes: int  # transient, while a module runs: its whole quantized base (the experts' 3 matrices)
+
+    @property
+    def adapter_grads(self) -> int:
+        return self.adapters
+
+    @property
+    def adamw(self) -> int:
+        return 2 * self.adapters
+
+    @property
+    def total(self) -> int:
+        return self.base_quantized + self.base_float + self.adapters + self.adapter_grads + self.adamw
+
+
+def quantized_row_bytes(in_features: int, method: str, group_size: int) -> int:
+    """Bytes of one stored row: int4 packs two weights a byte and keeps a 16-bit scale and zero per
+    group (4 + 32 / group_size bits per weight); int8 a byte a weight and a 16-bit scale per row."""
+    if method == 'int4':
+        return in_features // 2 + 2 * 2 * (in_features // group_size)
+    return in_features + 2
+
+
+def qlora_rank_size(config: ModelConfig, layout: Layout, lora_rank: int) -> QLoraSize:
+    """The closed form of `QLoraSize` for `config` (quantized) with adapters of rank `lora_rank` on every
+    target (Wqkv, out_proj, and each expert's w1, v1, w2), every layer."""
+    layout.check(config)
+    if config.quantization is None:
+        raise ConfigError('quantization', 'QLoRA sizing needs a quantized model (int4 or int8)')
+    if config.ffn_config.moe_world_size > 1:
+        raise ConfigError(MOE_WORLD_SIZE_KEY, 'a quantized (QLoRA) base is not supported with expert parallelism')
+    if lora_rank < 1:
+        raise ConfigError('lora_rank', f'must be at least 1, got {lora_rank}')
+    n, d, ffn = layout.shard_ranks, config.d_model, config.ffn_config
+    e, f = ffn.moe_num_experts, ffn.ffn_hidden_size
+    qkv = d + 2 * config.attn_config.kv_n_heads * config.head_dim
+
+    def stored(rows: int, in_features: int) -> int:  # rank 0's rows of a quantized matrix
+        return _shard(rows, quantized_row_bytes(in_features, config.quantization, config.quantization_group_size), n)
+
+    experts = 2 * stored(e * f, d) + stored(e * d, f)  # w1, v1; w2 stored per expert transposed
+    per_layer = stored(qkv, d) + stored(d, d) + experts
+    base_quantized = config.n_layers * per_layer + stored(config.vocab_size, d)
+    base_float = 4 * (config.n_layers * (2 * _shard(d, 1, n) + _shard(e, d, n)) + _shard(config.vocab_size, d, n)
+                      + _shard(d, 1, n))
+    r = lora_rank
+    adapter_shapes = [(1, r * d), (1, qkv * r), (1, r * d), (1, d * r)] + 3 * [(e, r * d), (e, f * r)]
+    adapter_numel = config.n_layers * sum(_shard(dim0, rest, n) for dim0, rest in adapter_shapes)
+    gathered = n * experts  # every rank's rows of one layer's experts
+    return QLoraSize(base_quantized, base_float, 4 * adapter_numel, adapter_numel, gathered)

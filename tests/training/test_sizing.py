@@ -97,3 +97,32 @@ def test_a_layout_that_cannot_fit_is_one_line_with_both_numbers_and_the_smallest
     on_gpu = dataclasses.replace(on_cpu, on_gpu=True)
     with pytest.raises(UserError, match=r'rank 0 needs at least [\d.,]+ GiB on its GPU, which has 80.0 GiB'):
         check_fits(config, Layout(8), on_gpu, host, 80 * GIB)
+
+
+@pytest.mark.parametrize('method', ['int4', 'int8'])
+@pytest.mark.parametrize('layout', [Layout(1), Layout(3), Layout(4, shard_group_size=2)])
+def test_qlora_sizing_equals_the_stored_tensors_of_a_qlora_model(method, layout):
+    import torch
+
+    from dbrx_train.model.lora import LoraConfig, apply_lora
+    from dbrx_train.model.quantize import store_scales_in
+    from dbrx_train.training.sizing import qlora_rank_size
+
+    config = dataclasses.replace(TINY, d_model=64, n_heads=4, quantization=method, quantization_group_size=32,
+                                 ffn_config=dataclasses.replace(TINY.ffn_config, ffn_hidden_size=32))
+    model = DbrxLM(config, device='meta')
+    apply_lora(model, LoraConfig(r=3))
+    store_scales_in(model, torch.bfloat16)  # as training keeps them
+    ranks = layout.shard_group_size or layout.world_size
+
+    def rank0_bytes(tensors) -> int:
+        return sum(t.chunk(ranks)[0].nbytes for t in tensors)
+
+    adapters = [p for p in model.parameters() if p.requires_grad]
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    stored = [b for name, b in model.named_buffers() if '.lora.' not in name]
+    size = qlora_rank_size(config, layout, 3)
+    assert size.base_quantized == rank0_bytes(stored)
+    assert size.base_float == rank0_bytes(frozen)
+    assert size.adapters == rank0_bytes(adapters) and size.adapter_numel == size.adapters // 4
+    assert size.total == size.base_quantized + size.base_float + 4 * size.adapters

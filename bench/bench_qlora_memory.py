@@ -1,0 +1,153 @@
+"""Peak memory of a QLoRA training step per base weight, above the activations, side by side with LoRA
+on the float (fp32) base, each variant in a fresh process, in one run.
+
+The model (`BENCH` below, ~108M base weights, 16 experts of 2048 x 1024, a small vocabulary so that,
+as in DBRX-132B, the experts are nearly all of the base) trains its adapters (rank 4 on Wqkv,
+out_proj and every expert's w1, v1, w2) with AdamW in fp32 on one process, as `train.py` runs a
+QLoRA YAML: the base frozen, int4 in groups of 128 with bf16 scales and zeros each matrix
+dequantized just in time for its matmul, in the forward pass and again in the backward pass.
+
+Measured in the process: the bytes the model holds between steps, counted from its tensors (the
+stored base; the adapters' fp32 factors and AdamW's two moments), and how far a training step's
+peak resident memory (Linux VmHWM, reset just before the step, after `malloc_trim`) rises above the
+resident memory just before it, at T and at 2T tokens, after two steps have created AdamW's state and
+warmed both shapes. The activations of T tokens are the rise's growth from T to 2T; what remains of
+the rise at T is the step's own (adapter gradients, dequantized matrices, temporaries). Per base
+weight, in bytes: held + the step's own = the peak above the activations. Goal: at most 0.6.
+(Counting the held bytes from tensors, not from the resident size, keeps the shared libraries'
+pages, which a loaded machine evicts and reloads, out of the numbers.)
+Random weights: memory does not depend on the values. Both variants run with glibc's mmap threshold
+fixed (`MALLOC_ENV`).
+
+Run: `.venv/bin/python bench/bench_qlora_memory.py` (a few minutes on 2 cores: dequantizing every
+expert matrix twice per step is CPU work).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.common import mem_available_bytes, peak_resident_mib, reset_peak_resident, resident_mib  # noqa: E402
+from dbrx_train.model.config import AttentionConfig, FFNConfig, ModelConfig  # noqa: E402
+from dbrx_train.model.dbrx import DbrxLM  # noqa: E402
+from dbrx_train.model.lora import LoraConfig, adapters, apply_lora  # noqa: E402
+from dbrx_train.model.quantize import QuantizedModule, store_scales_in  # noqa: E402
+
+BENCH = ModelConfig(d_model=1024, n_heads=8, n_layers=1, max_seq_len=512, vocab_size=2048,
+                    attn_config=AttentionConfig(kv_n_heads=2),
+                    ffn_config=FFNConfig(ffn_hidden_size=2048, moe_num_experts=16, moe_top_k=4))
+LORA = LoraConfig(r=4, alpha=8)  # as many adapter parameters per base weight as rank 16 on DBRX-132B, about
+TOKENS = 32  # T: one row of 32 tokens; 2T: two rows (few tokens: the base dominates)
+VARIANTS = {'QLoRA int4 (group 128)': 'int4', 'LoRA, fp32 base': None}
+MIB = 2**20
+# glibc serves freed blocks of up to 32 MiB from its heap once one was freed (its mmap threshold
+# rises): dequantizing matrix after matrix would then measure heap fragmentation, not tensors. Fixed
+# at 128 KiB, large tensors are mapped and unmapped (on GPUs the caching allocator plays this part).
+MALLOC_ENV = {'MALLOC_MMAP_THRESHOLD_': str(128 * 1024)}
+
+
+def build(quantization: str | None) -> DbrxLM:
+    if quantization is None:
+        model = DbrxLM(BENCH, seed=0)
+    else:
+        model = DbrxLM(dataclasses.replace(BENCH, quantization=quantization), device='cpu')  # empty stored tensors
+        store_scales_in(model, torch.bfloat16)
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for module in model.modules():
+                if isinstance(module, QuantizedModule):
+                    for buffer in module.buffers(recurse=False):
+                        if buffer.is_floating_point():
+                            buffer.uniform_(-0.01, 0.01, generator=generator)
+                        else:
+                            buffer.copy_(torch.randint(0, 256 if buffer.dtype == torch.uint8 else 127, buffer.shape,
+                                                       generator=generator, dtype=torch.int16))
+    apply_lora(model, LORA)
+    with torch.no_grad():  # trained adapters: B nonzero
+        for _, adapter in adapters(model):
+            adapter.lora_B.normal_(0, 0.01)
+    return model.train()
+
+
+def base_weights(model: DbrxLM) -> int:
+    """Frozen weights of the float model this one stands for."""
+    float_model = DbrxLM(BENCH, device='meta')
+    return sum(p.numel() for p in float_model.parameters())
+
+
+def measure(quantization: str | None) -> dict:
+    torch.manual_seed(0)
+    ids = torch.randint(0, BENCH.vocab_size, (2, TOKENS))
+    model = build(quantization)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4)
+
+    def rise(rows: int) -> float:
+        """How far a training step's peak rises above the resident memory just before it, MiB."""
+        start = resident_mib()  # after malloc_trim
+        reset_peak_resident()
+        model(ids[:rows], labels=ids[:rows]).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return peak_resident_mib() - start
+
+    rise(1), rise(2)  # AdamW's state exists from here on, and the kernels' buffers of both shapes
+    rises = {rows: rise(rows) for rows in (1, 2)}
+    return {'rise': rises[1], 'rise2': rises[2], 'base_weights': base_weights(model),
+            'adapter_numel': sum(p.numel() for p in trainable),
+            'stored_bytes': sum(b.nbytes for name, b in model.named_buffers() if '.lora.' not in name)
+            + sum(p.nbytes for p in model.parameters() if not p.requires_grad)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--variant', help=argparse.SUPPRESS)  # one measurement, in this process
+    parser.add_argument('--json', help='keep the numbers in this file')
+    args = parser.parse_args()
+    if args.variant is not None:
+        print(json.dumps(measure(VARIANTS[args.variant])))
+        return
+    commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=REPO, capture_output=True,
+                            text=True).stdout.strip()
+    load = Path('/proc/loadavg').read_text().split()[:3]
+    print(f'{datetime.date.today()}, commit {commit}, {platform.machine()}, capability '
+          f'{torch.backends.cpu.get_cpu_capability()}, load average {" ".join(load)}; one process, fp32 compute; '
+          f'{BENCH.n_layers} layers, d_model {BENCH.d_model}, {BENCH.ffn_config.moe_num_experts} experts of '
+          f'{BENCH.ffn_config.ffn_hidden_size}, vocab {BENCH.vocab_size}; LoRA rank {LORA.r} on every target; '
+          f'T = {TOKENS} tokens\n')
+    print('| variant | base weights | stored base | adapters + AdamW moments | step rise above activations | '
+          '**peak above activations** | activations of T, MiB |')
+    print('|---|---:|---:|---:|---:|---:|---:|')
+    results = {}
+    for name in VARIANTS:
+        if VARIANTS[name] is None and mem_available_bytes() < 6 * 2**30:
+            print(f'| {name} | not run: MemAvailable {mem_available_bytes() / 2**30:.1f} GiB < 6 GiB | | | | | |')
+            continue
+        out = subprocess.run([sys.executable, __file__, '--variant', name], capture_output=True, text=True, check=True,
+                             env={**os.environ, **MALLOC_ENV})
+        r = results[name] = json.loads(out.stdout.strip().splitlines()[-1])
+        n = r['base_weights']
+        activations = max(0.0, r['rise2'] - r['rise'])
+        held = [r['stored_bytes'] / n, 12 * r['adapter_numel'] / n]  # fp32 factors and two AdamW moments
+        transient = (r['rise'] - activations) * MIB / n  # gradients, dequantized matrices, temporaries
+        print(f'| {name} | {n / 1e6:,.0f}M | {held[0]:.3f} | {held[1]:.3f} | {transient:.3f} | '
+              f'**{sum(held) + transient:.3f}** | {activations:,.0f} |', flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == '__main__':
+    main()

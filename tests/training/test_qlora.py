@@ -1,0 +1,168 @@
+"""QLoRA through the trainer's pieces: the int4 base sharded over 2 FSDP2 ranks trains as one process,
+a float init_from is quantized shard by shard, and a run exports to a bf16 transformers directory."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from dbrx_train.checkpoints import save_checkpoint
+from dbrx_train.errors import ConfigError
+from dbrx_train.model.config import AttentionConfig, FFNConfig, ModelConfig
+from dbrx_train.model.dbrx import DbrxLM
+from dbrx_train.model.init import local_part, local_region
+from dbrx_train.model.lora import LoraConfig, adapters, apply_lora
+from dbrx_train.model.quantize import quantize
+from dbrx_train.training.finetune import load_initial_weights
+from dbrx_train.typed_config import load_yaml, parse
+from tests.spawn import run_ranks
+from tests.training.conftest import REPO
+from tests.training.test_finetune import chats, finetune, hf_base  # noqa: F401 (fixtures)
+
+VOCAB, SEQ, MICRO_BATCH = 64, 16, 2
+LORA = LoraConfig(r=4, alpha=8, seed=3)
+QLORA_YAML = REPO / 'yamls' / 'finetune' / 'dbrx-tiny-qlora.yaml'
+
+
+def float_config() -> ModelConfig:
+    # No load-balancing loss: it is not a mean over tokens, so 2 ranks' halves would not add up to one batch's.
+    return ModelConfig(d_model=64, n_heads=4, n_layers=2, max_seq_len=SEQ, vocab_size=VOCAB, init_std=0.1,
+                       attn_config=AttentionConfig(kv_n_heads=2),
+                       ffn_config=FFNConfig(ffn_hidden_size=32, moe_num_experts=4, moe_top_k=2, moe_loss_weight=0.0))
+
+
+def qlora_config() -> ModelConfig:
+    return replace(float_config(), quantization='int4', quantization_group_size=32)
+
+
+def batch(world: int, rank: int) -> torch.Tensor:
+    ids = torch.randint(0, VOCAB, (world * MICRO_BATCH, SEQ), generator=torch.Generator().manual_seed(7))
+    return ids[rank * MICRO_BATCH:(rank + 1) * MICRO_BATCH]
+
+
+def set_nonzero_b(model: DbrxLM) -> None:
+    """B starts at zero; a nonzero one gives every factor a gradient."""
+    with torch.no_grad():
+        for i, (_, adapter) in enumerate(adapters(model)):
+            value = torch.randn(adapter.lora_B.shape, generator=torch.Generator().manual_seed(i))
+            local_part(adapter.lora_B).copy_(value[local_region(adapter.lora_B)])
+
+
+def step(model: DbrxLM, ids: torch.Tensor) -> tuple[float, dict[str, torch.Tensor]]:
+    model.train()
+    loss = model(ids, labels=ids).loss  # through forward: FSDP2 gathers the root module
+    loss.backward()
+    grads = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            grads[name] = p.grad.full_tensor() if hasattr(p.grad, 'full_tensor') else p.grad
+    return loss.item(), grads
+
+
+def qlora_rank(checkpoint: Path) -> dict:
+    """One rank: the QLoRA model built on meta, laid out by `parallelize` (FSDP2, activation
+    checkpointing), filled from the float `checkpoint`, one step on this rank's micro-batch."""
+    from dbrx_train.training.config import FSDPConfig, layout_only
+    from dbrx_train.training.parallelize import build_mesh, parallelize
+
+    model = DbrxLM(qlora_config(), device='meta')
+    apply_lora(model, LORA)
+    cfg = layout_only(model.config, init_device='meta', lora=LORA, fsdp_config=FSDPConfig(activation_checkpointing=True))
+    parallelize(model, cfg, build_mesh(cfg, dist.get_world_size(), 'cpu'))
+    load_initial_weights(model, checkpoint)
+    set_nonzero_b(model)
+    stored = {name: (local_region(t)[0], local_part(t).clone(), type(t).__name__)
+              for name, t in model.named_buffers() if 'lora' not in name}
+    loss, grads = step(model, batch(dist.get_world_size(), dist.get_rank()))
+    return {'loss': loss, 'grads': grads, 'stored': stored}
+
+
+def test_qlora_on_two_fsdp_ranks_trains_as_one_process_from_a_float_init_from_quantized_per_shard(tmp_path):
+    float_model = DbrxLM(float_config(), seed=0)
+    checkpoint = save_checkpoint(float_model, tmp_path / 'float')
+    ranks = run_ranks(qlora_rank, 2, checkpoint)
+
+    one = DbrxLM(qlora_config())  # one process: the whole model, filled from the same checkpoint
+    apply_lora(one, LORA)
+    load_initial_weights(one, checkpoint)
+    set_nonzero_b(one)
+    stored = dict(one.named_buffers())
+    # Quantizing the checkpoint as it is read (an expert w2 transposed, expert by expert) stores what
+    # quantizing the float model in memory stores.
+    in_memory = quantize(float_model, 'int4', group_size=32).state_dict()
+    for name, tensor in stored.items():
+        if '.lora.' not in name:
+            assert torch.equal(tensor, in_memory[name]), name
+    loss, grads = step(one, torch.cat([batch(2, 0), batch(2, 1)]))
+
+    for rank in ranks:  # each rank quantized exactly its rows of the float checkpoint, and holds only them
+        for name, (rows, local, kind) in rank['stored'].items():
+            assert kind == 'DTensor' and len(local) < len(stored[name]), name
+            assert torch.equal(local, stored[name][rows]), name
+    assert sum(r['loss'] for r in ranks) / 2 == pytest.approx(loss, rel=1e-5)
+    assert set(ranks[0]['grads']) == set(grads) and len(grads) == 2 * 2 * 5
+    for name, grad in grads.items():  # FSDP2 averages the ranks' gradients: the whole batch's
+        assert grad.abs().max() > 0, name
+        for rank in ranks:
+            torch.testing.assert_close(rank['grads'][name], grad, rtol=1e-4, atol=1e-5 * grad.abs().max().item())
+
+
+def test_qlora_settings_are_checked_at_the_edge():
+    from dbrx_train.training.config import TrainConfig
+
+    for overrides, message in [
+        (['lora=null'], 'model.quantization: a quantized base trains only frozen, under LoRA adapters'),
+        (['model.ffn_config.moe_world_size=2'], 'a quantized (QLoRA) base is not supported with expert parallelism'),
+    ]:
+        with pytest.raises(ConfigError) as error:
+            parse(TrainConfig, load_yaml(QLORA_YAML, overrides))
+        assert message in str(error.value), (overrides, str(error.value))
+    assert parse(TrainConfig, load_yaml(QLORA_YAML)).model.quantization == 'int4'
+
+
+def test_a_qlora_run_on_two_ranks_exports_a_bf16_transformers_dir_that_greedy_decodes_as_this_framework(
+        hf_base, chats, tmp_path):
+    """A float transformers init_from, quantized as read on 2 FSDP ranks (built on meta, activation
+    checkpointing), trained; the export merges the adapters into the dequantized base, in bf16."""
+    import torch.distributed.checkpoint as dcp
+    import transformers
+
+    from dbrx_train.checkpoints import load_pretrained
+    from dbrx_train.checkpoints.composer import MODEL_PREFIX, resolve
+    from dbrx_train.checkpoints.export import export
+    from dbrx_train.checkpoints.native import read_config
+
+    finetune(QLORA_YAML, tmp_path, processes=2, init_from=hf_base, eval_loader=None,
+             **{'train_loader.dataset.local': chats, 'global_train_batch_size': 4, 'device_train_microbatch_size': 2,
+                'max_duration': '3ba', 'save_interval': '3ba', 'optimizer.lr': 1e-2, 'lora.r': 4, 'lora.alpha': 8,
+                'init_device': 'meta', 'fsdp_config.activation_checkpointing': True})
+    exported = export(tmp_path / 'checkpoints', tmp_path / 'hf', dtype='bfloat16')
+    assert json.loads((exported / 'config.json').read_text())['torch_dtype'] == 'bfloat16'
+
+    # The trained QLoRA model as it trained: int4 base, adapters applied on the inputs.
+    config = read_config(tmp_path / 'checkpoints')  # the run's model config, beside its checkpoints
+    assert config.quantization == 'int4'
+    qlora = DbrxLM(config, device='meta').to_empty(device='cpu')
+    apply_lora(qlora, LoraConfig(r=4, alpha=8))
+    state = {MODEL_PREFIX + name: t for name, t in qlora.state_dict().items()}
+    dcp.load(state, checkpoint_id=str(resolve(tmp_path / 'checkpoints')), no_dist=True)
+    qlora.load_state_dict({name.removeprefix(MODEL_PREFIX): t for name, t in state.items()})
+    assert any(adapter.lora_B.abs().max() > 0 for _, adapter in adapters(qlora))  # the adapters trained
+
+    # transformers computes in fp32 on the exported bf16 weights; greedy decoding of a random tiny model
+    # is compared on those same weights (this framework's fp32 on the bf16 export), since rounding the
+    # weights to bf16 moves its near-tied logits.
+    theirs = transformers.DbrxForCausalLM.from_pretrained(exported, torch_dtype=torch.float32).eval()
+    ours = load_pretrained(exported, dtype=torch.float32)
+    ids = torch.randint(0, config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = qlora.eval()(ids)
+        # bf16 rounding of the merged weights is all that differs
+        torch.testing.assert_close(theirs(ids).logits, expected, atol=0.01 * expected.abs().max().item(), rtol=0)
+    greedy = theirs.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0)[0, 8:].tolist()
+    assert ours.generate(ids, max_new_tokens=12)[0, 8:].tolist() == greedy
