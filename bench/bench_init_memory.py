@@ -8,7 +8,8 @@ materialises and initialises its shards. Reported: the busiest rank's peak resid
 fraction of the model's fp32 bytes. Goal: under 0.7x with `meta`; with `cpu` every rank builds the
 whole model first, so it is over 1.0x.
 
-The `cpu` row needs about 4 x 3.3 GB at once: it runs only when MemAvailable allows it.
+The `cpu` row needs about 4 x 3.3 GB at once: it runs first (while the memory seen at the start is still
+free), and only when MemAvailable allows it.
 Run: `.venv/bin/python bench/bench_init_memory.py` (a few minutes on 2 cores).
 """
 
@@ -68,7 +69,7 @@ def main() -> None:
     print('| init_device | busiest rank peak RSS, MiB | tiny model, MiB | above tiny, MiB | x model fp32 bytes | '
           'rank shards, MiB |')
     print('|---|---:|---:|---:|---:|---:|')
-    for init_device in ('meta', 'cpu'):
+    for init_device in ('cpu', 'meta'):
         if init_device == 'cpu' and mem_available_bytes() < 1.1 * WORLD * model_bytes:
             print(f'| cpu | not run: MemAvailable {mem_available_bytes() / 2**30:.1f} GiB < 1.1 x {WORLD} x the model '
                   '| | | | |')

@@ -162,8 +162,6 @@ class TrainConfig:
                                                   'FULL_SHARD')
         if self.model.quantization is not None:
             raise ConfigError(MOE_WORLD_SIZE_KEY, 'a quantized (QLoRA) base is not supported with expert parallelism')
-        if self.lora is not None:
-            raise ConfigError(MOE_WORLD_SIZE_KEY, 'LoRA adapters are not supported with expert parallelism')
 
     @functools.cached_property
     def schedule(self) -> Schedule | None:

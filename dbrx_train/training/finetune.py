@@ -94,11 +94,12 @@ def prepare_model(model: DbrxLM, freeze: FreezeConfig | None, lora: LoraConfig |
 
 def check_compatible(config: ModelConfig, source_config: ModelConfig, source: str | Path) -> None:
     """`ConfigError` naming the first `model` setting that differs from the checkpoint's architecture.
-    A float checkpoint fits a quantized model (it is quantized as it is read)."""
+    A float checkpoint fits a quantized model (it is quantized as it is read); the layout
+    (`moe_world_size`) is not part of it: an expert-parallel run starts from any checkpoint."""
     if source_config.quantization is None:
         source_config = replace(source_config, quantization=config.quantization,
                                 quantization_group_size=config.quantization_group_size)
-    ours, theirs = _flatten(to_dict(config)), _flatten(to_dict(source_config))
+    ours, theirs = _flatten(to_dict(config.without_layout())), _flatten(to_dict(source_config.without_layout()))
     for key, value in ours.items():
         if key not in TRAINING_ONLY_SETTINGS and theirs[key] != value:
             raise ConfigError(f'model.{key}', f'is {value!r} but {source} has {theirs[key]!r}: the model section must '

@@ -15,6 +15,7 @@ The mesh, by layout (world = all ranks):
 `parallelize` applies, in this order (each step needs the ones before it):
 1. expert placement: each block's experts become `ExpertParallelExperts`, DTensors `Shard(0)` over
    `ep` (FSDP2 composes with them as with tensor parallelism: it shards them further over `dp`);
+   their LoRA adapters go with them, sharded by expert the same way;
 2. activation checkpointing, per block (torch's composable `checkpoint`: the parameter names stay);
    before FSDP2, as torchtitan orders them, so FSDP2's hooks run around the recomputed forward;
 3. `compile_config`: torch.compile per block (`dbrx_train.model.compile`), the experts left eager;

@@ -104,8 +104,10 @@ def test_full_finetune_from_a_converted_transformers_model_reproduces_the_answer
     assert greedy_answer(load_pretrained(tmp_path / 'checkpoints'), prompt) == theirs
 
 
-def test_lora_on_two_fsdp_ranks_starts_from_the_transformers_dir_and_export_merges_the_adapters(hf_base, chats,
-                                                                                                tmp_path):
+def test_lora_with_expert_parallelism_starts_from_the_transformers_dir_and_export_merges_the_adapters(hf_base, chats,
+                                                                                                     tmp_path):
+    """2 ranks, moe_world_size 2 (each owns half the experts and their adapters; the rest is sharded by
+    FSDP2), built on meta. LoRA under FSDP2 alone: tests/training/test_parallelize.py."""
     import torch.distributed.checkpoint as dcp
     from safetensors.torch import load_file
 
@@ -122,7 +124,8 @@ def test_lora_on_two_fsdp_ranks_starts_from_the_transformers_dir_and_export_merg
                                   'optimizer.lr': 1e-2, 'lora.r': lora.r, 'lora.alpha': lora.alpha,
                                   'lora.targets': f'[{",".join(lora.targets)}]', 'lora.layers': '[1]',
                                   # Built on meta: each rank materialises its shards, then reads them.
-                                  'init_device': 'meta', 'fsdp_config.activation_checkpointing': True})
+                                  'init_device': 'meta', 'fsdp_config.activation_checkpointing': True,
+                                  'model.ffn_config.moe_world_size': 2})
 
     exported = export(tmp_path / 'checkpoints', tmp_path / 'hf')
     base, merged = load_file(hf_base / 'model.safetensors'), load_file(exported / 'model.safetensors')

@@ -1,7 +1,8 @@
 """`parallelize` on 2 and 4 gloo ranks: a model built on `meta` gets exactly the weights one process
-draws with the same seed, whatever the layout (FSDP, expert parallelism, LoRA, activation
+draws with the same seed, whatever the layout (FSDP, expert parallelism, LoRA, freezing, activation
 checkpointing); expert parallelism under FSDP2 trains exactly as one process accumulating the same
-micro-batches, and each rank holds its share of the expert weights."""
+micro-batches, with or without LoRA, and each rank holds its share of the expert weights (and of
+their adapters)."""
 
 from __future__ import annotations
 
@@ -22,8 +23,11 @@ CLIP = 0.5  # below the gradient norms of these steps: clipping scales every ste
 CASES = {2: [(2, 1), (2, 4)], 4: [(2, 4), (4, 1)]}  # world size: (moe_world_size, top_k)
 RESHARDED = (4, 2)  # (world, moe_world_size) whose trained model is saved and loaded with 1, 4 and no process group
 EXPERT_WEIGHTS = ('w1', 'v1', 'w2')
-INIT_CASES = {'fsdp': 1, 'ep': 2, 'lora': 1}  # layout: moe_world_size
-INIT_ON = {2: [('fsdp', 'meta'), ('ep', 'meta'), ('ep', 'cpu'), ('lora', 'meta')], 4: [('ep', 'meta')]}
+INIT_CASES = {'fsdp': 1, 'ep': 2, 'lora': 1, 'lora_ep': 2, 'freeze_ep': 2}  # layout: moe_world_size
+INIT_ON = {2: [('fsdp', 'meta'), ('ep', 'meta'), ('ep', 'cpu'), ('lora', 'meta'), ('lora_ep', 'meta'),
+               ('lora_ep', 'cpu'), ('freeze_ep', 'meta')], 4: [('ep', 'meta')]}
+ADAPTED_CASES = ('lora', 'lora_ep', 'freeze_ep')  # also one step's loss and gradients
+LORA_EP_TOP_K = 2  # LoRA + expert parallelism trained on 2 ranks (moe_world_size 2) against one process
 
 
 def tiny_config(top_k: int, moe_world_size: int = 1) -> ModelConfig:
@@ -146,20 +150,29 @@ def train_on_rank(moe_world_size: int, top_k: int, workdir: Path) -> dict:
     return trace
 
 
-def initial_weights(case: str, device: str) -> dict:
-    """The full value of every parameter (and the loss and gradients of one step of the LoRA case)
-    of a model built on `device` and laid out as `case` says, with seed 5."""
+def what_trains(case: str) -> dict:
+    """The `TrainConfig` keys (`lora`, `freeze`) of an initialisation case."""
     from dbrx_train.model.lora import LoraConfig
+    from dbrx_train.training.finetune import FreezeConfig
+
+    if case.startswith('lora'):
+        return {'lora': LoraConfig(r=2, seed=3)}
+    return {'freeze': FreezeConfig(router=True, layers=[1])} if case == 'freeze_ep' else {}
+
+
+def initial_weights(case: str, device: str) -> dict:
+    """The full value of every parameter (and the loss and gradients of one step of the LoRA and
+    freezing cases) of a model built on `device` and laid out as `case` says, with seed 5."""
     from dbrx_train.training.config import FSDPConfig
     from dbrx_train.training.finetune import prepare_model
 
-    model, moe_world_size, settings = tiny(2, device=device, seed=5), INIT_CASES[case], {}
-    if case == 'lora':
-        settings = dict(lora=LoraConfig(r=2, seed=3), fsdp_config=FSDPConfig(activation_checkpointing=True))
-        prepare_model(model, None, settings['lora'])
+    model, moe_world_size, settings = tiny(2, device=device, seed=5), INIT_CASES[case], what_trains(case)
+    prepare_model(model, settings.get('freeze'), settings.get('lora'))
+    if case in ADAPTED_CASES:
+        settings['fsdp_config'] = FSDPConfig(activation_checkpointing=True)
     sharded(model, moe_world_size, seed=5, **settings)
     found = {'params': {n: (p.full_tensor(), p.requires_grad) for n, p in model.named_parameters()}}
-    if case == 'lora':
+    if case in ADAPTED_CASES:
         ids = batches(1)[0, 0]
         loss = model(ids, labels=ids).loss
         loss.backward()
@@ -168,8 +181,83 @@ def initial_weights(case: str, device: str) -> dict:
     return found
 
 
+def lora_base(workdir: Path) -> Path:
+    """A one-process checkpoint: the pretrained weights LoRA starts from (`init_from`)."""
+    from dbrx_train.checkpoints.native import save_checkpoint
+
+    if not (workdir / 'lora_base').exists():
+        save_checkpoint(tiny(LORA_EP_TOP_K, seed=2), workdir / 'lora_base')
+    return workdir / 'lora_base'
+
+
+def lora_one_process(workdir: Path, world: int) -> dict:
+    """The reference of LoRA with expert parallelism: LoRA in one process from the same `init_from`,
+    the global batch as `world` accumulated micro-batches; and the model it trained."""
+    from dbrx_train.model.lora import apply_lora
+    from dbrx_train.training.finetune import load_initial_weights
+
+    model, data, trace = tiny(LORA_EP_TOP_K, seed=4), batches(world), {'loss': [], 'params': []}
+    apply_lora(model, what_trains('lora_ep')['lora'])
+    load_initial_weights(model, lora_base(workdir))
+    opt = optimizer([p for p in model.parameters() if p.requires_grad])
+    for step in range(STEPS):
+        for ids in data[step]:
+            out = model(ids, labels=ids)
+            (out.loss / world).backward()
+            trace['loss'].append(out.loss.item())
+        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        opt.step()
+        opt.zero_grad()
+        trace['params'].append({n: p.detach().clone() for n, p in model.named_parameters()})
+    return trace | {'model': model}
+
+
+def lora_train_on_rank(workdir: Path) -> dict:
+    """LoRA with expert parallelism as the trainer builds it: the model on `meta` with adapters,
+    `parallelize` (moe_world_size 2: each rank owns half the experts and their adapters), `init_from`
+    a one-process checkpoint into its shards; a few steps; then the model saved with DCP (what a
+    Composer sharded checkpoint holds) under Composer's names."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    from dbrx_train.checkpoints.composer import MODEL_PREFIX
+    from dbrx_train.checkpoints.native import write_config
+    from dbrx_train.training.finetune import load_initial_weights, prepare_model
+    from dbrx_train.training.gradient_clipping import clip_grad_norm_
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if rank == 0:
+        lora_base(workdir)
+    dist.barrier()
+    # The trainer's model config says moe_world_size 2, the checkpoint's 1: the same architecture.
+    model, settings = DbrxLM(tiny_config(LORA_EP_TOP_K, 2), device='meta'), what_trains('lora_ep')
+    prepare_model(model, None, settings['lora'])
+    opt = sharded(model, 2, lambda params: optimizer([p for p in params if p.requires_grad]), seed=1, **settings)
+    load_initial_weights(model, lora_base(workdir))
+    adapter = model.blocks[0].ffn.experts.parametrizations.w1[0]
+    trace = {'loss': [], 'params': [], 'adapter_rows': (adapter.lora_A.to_local().shape[0],
+                                                        adapter.lora_B.to_local().shape[0])}
+    data = batches(world)
+    for step in range(STEPS):
+        ids = data[step, rank]
+        out = model(ids, labels=ids)
+        out.loss.backward()
+        clip_grad_norm_(model.parameters(), CLIP)
+        opt.step()
+        opt.zero_grad()
+        trace['loss'].append(out.loss.item())
+        trace['params'].append({n: p.full_tensor().detach() for n, p in model.named_parameters()})
+    checkpoint = workdir / 'lora_ep' / f'ep0-ba{STEPS}'
+    dcp.save({MODEL_PREFIX + n: t for n, t in get_model_state_dict(model).items()}, checkpoint_id=checkpoint)
+    if rank == 0:
+        write_config(checkpoint.parent, model.config)
+    return trace
+
+
 def all_cases_on_rank(workdir: Path) -> dict:
     found = {case: train_on_rank(*case, workdir) for case in CASES[dist.get_world_size()]}
+    if dist.get_world_size() == 2:
+        found['lora_ep'] = lora_train_on_rank(workdir)
     found['init'] = {(case, device): initial_weights(case, device) for case, device in INIT_ON[dist.get_world_size()]}
     return found
 
@@ -186,11 +274,10 @@ def spawned(workdir):
 
 @pytest.mark.parametrize('world,case,device', [(w, *case) for w, cases in INIT_ON.items() for case in cases])
 def test_every_layout_initialises_exactly_the_weights_of_one_process(spawned, world, case, device):
-    from dbrx_train.model.lora import LoraConfig, apply_lora
+    from dbrx_train.training.finetune import prepare_model
 
-    reference = tiny(2, seed=5)
-    if case == 'lora':
-        apply_lora(reference, LoraConfig(r=2, seed=3))
+    reference, settings = tiny(2, seed=5), what_trains(case)
+    prepare_model(reference, settings.get('freeze'), settings.get('lora'))
     expected = dict(reference.named_parameters())
     for rank in spawned(world):
         found = rank['init'][case, device]
@@ -198,7 +285,7 @@ def test_every_layout_initialises_exactly_the_weights_of_one_process(spawned, wo
         for name, (value, requires_grad) in found['params'].items():
             assert torch.equal(value, expected[name]), name
             assert requires_grad == expected[name].requires_grad, name
-    if case == 'lora':  # and the adapted, activation-checkpointed model computes as one process does
+    if case in ADAPTED_CASES:  # and the adapted (or frozen), activation-checkpointed model computes as one process
         ids = batches(1)[0, 0]
         loss = reference(ids, labels=ids).loss
         loss.backward()
@@ -227,6 +314,45 @@ def test_expert_parallel_training_matches_one_process(spawned, world, moe_world_
         # Stored: sharded over all ranks; gathered for the forward pass: 1/moe_world_size, whole experts.
         assert trace['stored'] * world == trace['total']
         assert trace['gathered'] * moe_world_size == trace['total']
+
+
+def test_lora_with_expert_parallelism_trains_as_lora_in_one_process_and_exports_the_same_merged_weights(
+        spawned, workdir):
+    """2 ranks, moe_world_size 2, built on meta, adapters on each rank's experts, init_from a
+    one-process checkpoint: every step's losses and parameters are those of LoRA in one process, and
+    the saved run exports (adapters merged) the weights of the one-process model merged."""
+    from dbrx_train.checkpoints.export import export
+    from dbrx_train.checkpoints.formats import load_pretrained
+    from dbrx_train.checkpoints.native import load_checkpoint
+    from dbrx_train.model.lora import merge_lora
+
+    world = 2
+    ranks = [found['lora_ep'] for found in spawned(world)]
+    reference = lora_one_process(workdir, world)
+    rows = (EXPERTS // world, EXPERTS // world)  # whole experts' adapters, as their weights
+    assert all(trace['adapter_rows'] == rows for trace in ranks)
+    for step in range(STEPS):
+        for rank, trace in enumerate(ranks):
+            assert trace['loss'][step] == pytest.approx(reference['loss'][step * world + rank], rel=1e-5, abs=1e-5)
+        expected = reference['params'][step]
+        assert ranks[0]['params'][step].keys() == expected.keys()
+        for name, value in ranks[0]['params'][step].items():
+            torch.testing.assert_close(value, expected[name], rtol=1e-5, atol=1e-5, msg=lambda m: f'{step} {name}: {m}')
+    base = load_checkpoint(lora_base(workdir)).state_dict()
+    adapter = reference['params'][-1]['blocks.0.ffn.experts.parametrizations.w1.0.lora_B']
+    assert adapter.abs().max() > 0  # trained away from B = 0: the merged weights differ from the base
+
+    model = reference['model']
+    merge_lora(model)
+    merged = model.state_dict()
+    saved = workdir / 'lora_ep' / f'ep0-ba{STEPS}'
+    exported = export(saved, workdir / 'lora_ep_exported', dtype='float32')  # a transformers directory
+    for loaded in (load_pretrained(saved), load_pretrained(exported)):
+        found = loaded.state_dict()
+        assert found.keys() == merged.keys()
+        for name, value in found.items():
+            torch.testing.assert_close(value, merged[name], rtol=1e-5, atol=1e-5, msg=lambda m: f'{name}: {m}')
+    assert not torch.equal(merged['blocks.0.ffn.experts.w1'], base['blocks.0.ffn.experts.w1'])
 
 
 def test_a_checkpoint_saved_with_expert_parallelism_loads_with_any_degree_and_without_processes(spawned, workdir):

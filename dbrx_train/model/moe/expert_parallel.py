@@ -9,7 +9,10 @@ back through both all-to-alls. A token's output depends only on that token, as i
 
 The parameters keep their names and full shapes: each is a DTensor `Shard(0)` over the group's
 mesh (experts are contiguous blocks of rows of `w1`, `v1`, `w2`), so a distributed checkpoint
-records the layout and reshards on load.
+records the layout and reshards on load. A weight's parametrizations (LoRA's `LowRankUpdate`) move
+with it, their tensors sharded the same way (`shard_expert_tensors`: every tensor of an `Experts`
+module is laid out by expert along its first dimension), so each rank trains the adapters of the
+experts it owns and reading `self.w1` gives its experts' adapted weight.
 
 Gradients: the rows of every rank of the group reach the local experts, so their weight gradient
 sums over the group's micro-batches; it is divided by the group size here, which makes it the
@@ -25,9 +28,10 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.nn.functional import all_to_all_single
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+from torch.nn.utils import parametrize
 
 from dbrx_train.model.moe.base import GLUExperts
-from dbrx_train.model.moe.torch_dropless import combine, grouped_glu, sort_by_expert
+from dbrx_train.model.moe.torch_dropless import ExpertFFN, combine, glu_ffn, run_grouped, sort_by_expert
 
 WEIGHTS = ('w1', 'v1', 'w2')
 
@@ -42,16 +46,28 @@ class ExpertParallelExperts(GLUExperts):
         self.mesh = mesh
         self.traffic = torch.zeros(2, dtype=torch.int64)  # rows and bytes sent to other ranks, since take_traffic
         for name in WEIGHTS:
-            full = getattr(experts, name)
-            # Every rank holds the same values (or none, on meta): each keeps its rows, nothing is sent.
-            local = distribute_tensor(full.detach(), mesh, [Shard(0)], src_data_rank=None)
-            setattr(self, name, nn.Parameter(local, requires_grad=full.requires_grad))
+            adapted = parametrize.is_parametrized(experts, name)
+            full = experts.parametrizations[name].original if adapted else getattr(experts, name)
+            setattr(self, name, nn.Parameter(shard_by_expert(full, mesh), requires_grad=full.requires_grad))
+            for parametrization in experts.parametrizations[name] if adapted else ():
+                shard_expert_tensors(parametrization, mesh)
+                # unsafe: no trial forward (on a CPU-built model, a full-size temporary per weight).
+                parametrize.register_parametrization(self, name, parametrization, unsafe=True)
 
     @property
     def local_experts(self) -> int:
         return self.num_experts // self.mesh.size()
 
     def forward(self, x: torch.Tensor, top_weights: torch.Tensor, top_experts: torch.Tensor) -> torch.Tensor:
+        # Read through the parametrizations (the adapted weight, under LoRA): this rank's experts.
+        weights = [_ScaleGrad.apply(_local(getattr(self, name)), 1.0 / self.mesh.size()) for name in WEIGHTS]
+        return self.dispatch(x, top_weights, top_experts, glu_ffn(*weights, self.local_experts))
+
+    def dispatch(self, x: torch.Tensor, top_weights: torch.Tensor, top_experts: torch.Tensor,
+                 local_ffn: ExpertFFN) -> torch.Tensor:
+        """What `dropless_moe` computes, each row run by the rank that owns its expert: `local_ffn(e,
+        rows)` is this rank's local expert `e` (whatever stores its weights). The gradient it gives
+        its weights sums over the group's rows: `forward` scales it to the group's mean."""
         group, ranks, local = self.mesh.get_group(), self.mesh.size(), self.local_experts
         order, token_of_row, rows_per_expert = sort_by_expert(top_experts, self.num_experts)
         # received[src * local + e]: the rows rank `src` sends to this rank's expert e.
@@ -65,8 +81,7 @@ class ExpertParallelExperts(GLUExperts):
         expert_of_row = torch.arange(local, device=x.device).repeat(ranks).repeat_interleave(
             received_per_expert, output_size=sum(recv_splits))
         by_expert = torch.argsort(expert_of_row, stable=True)
-        weights = [_ScaleGrad.apply(_local(getattr(self, name)), 1.0 / ranks) for name in WEIGHTS]
-        out = grouped_glu(rows[by_expert], [sum(col) for col in zip(*received)], *weights)
+        out = run_grouped(rows[by_expert], [sum(col) for col in zip(*received)], local_ffn)
         out = out[torch.argsort(by_expert)]
         expert_out = _all_to_all(out, send_splits, recv_splits, group)
         self._count_traffic(send_splits, recv_splits, rows, expert_out)
@@ -97,6 +112,25 @@ class ExpertParallelExperts(GLUExperts):
 
     def extra_repr(self) -> str:
         return f'{super().extra_repr()}, expert_parallel={self.mesh.size()} (local experts {self.local_experts})'
+
+
+def shard_by_expert(tensor: torch.Tensor, mesh: DeviceMesh) -> DTensor:
+    """`tensor` (laid out by expert along its first dimension) as this rank's experts: `Shard(0)` over
+    `mesh`. Every rank holds the same values (or none, on meta): each keeps its rows, nothing is sent."""
+    return distribute_tensor(tensor.detach(), mesh, [Shard(0)], src_data_rank=None)
+
+
+def shard_expert_tensors(module: nn.Module, mesh: DeviceMesh) -> None:
+    """Every parameter and buffer of `module` (one that belongs to an `Experts` module: laid out by
+    expert along its first dimension) becomes this rank's experts, in place; a 0-d one (a scale) is
+    the same for every expert and stays whole."""
+    for owner in module.modules():
+        for name, param in list(owner.named_parameters(recurse=False)):
+            if param.dim():
+                setattr(owner, name, nn.Parameter(shard_by_expert(param, mesh), requires_grad=param.requires_grad))
+        for name, buffer in list(owner.named_buffers(recurse=False)):
+            if buffer.dim():
+                setattr(owner, name, shard_by_expert(buffer, mesh))
 
 
 def _all_to_all(rows: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:

@@ -14,7 +14,7 @@ results are scattered back. A token's output depends only on that token.
 
 `dropless_moe` is the routing alone, given one expert's feed-forward as a function: the float
 experts here and the quantized ones (`dbrx_train.model.quantize`) share it; the expert-parallel
-backend shares its pieces (`sort_by_expert`, `grouped_glu`, `combine`).
+backend shares its pieces (`sort_by_expert`, `glu_ffn`, `run_grouped`, `combine`).
 """
 
 from __future__ import annotations
@@ -80,13 +80,6 @@ def run_grouped(rows: torch.Tensor, rows_per_expert: list[int], expert_ffn: Expe
         # pass (with a zero gradient), so every rank runs the same gradient collectives.
         outputs.append(expert_ffn(0, rows))
     return torch.cat(outputs)
-
-
-def grouped_glu(rows: torch.Tensor, rows_per_expert: list[int], w1: torch.Tensor, v1: torch.Tensor,
-                w2: torch.Tensor) -> torch.Tensor:
-    """Each expert's GLU on its block of `rows` (sorted by expert); `w1`, `v1`, `w2` hold the
-    `len(rows_per_expert)` experts as `(E * ffn, d_model)`."""
-    return run_grouped(rows, rows_per_expert, glu_ffn(w1, v1, w2, len(rows_per_expert)))
 
 
 def combine(x: torch.Tensor, expert_out: torch.Tensor, top_weights: torch.Tensor, order: torch.Tensor,
