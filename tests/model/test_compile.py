@@ -48,7 +48,7 @@ def test_attention_norms_and_router_compile_without_a_graph_break():
     assert reasons
     for reason in reasons:
         assert 'torch.compiler.disable' in reason.reason, reason
-        assert '_run_experts_eagerly(' in reason.user_stack[-1].line, reason
+        assert 'run_experts(' in reason.user_stack[-1].line, reason
     for part, args in ((block.norm_1, (x,)), (block.attn, (x, cos, sin, Causal())), (block.ffn.router, (x,))):
         torch.compile(part, fullgraph=True, backend='eager')(*args)  # raises on any break
 
@@ -85,9 +85,11 @@ def test_compiled_greedy_decoding_equals_eager():
 @torch.no_grad()
 def test_a_batch_one_decoding_step_is_one_graph_experts_included():
     model = fresh_model()
+    graphs_before, breaks_before = graphs(), sum(counters['graph_break'].values())
     model.generate(ids(1, 5), max_new_tokens=4, stop_token_ids=(), compile={'backend': 'eager'})
-    assert graphs() == 1
-    assert not counters['graph_break']  # a break per layer (the eager experts) cost more than their matmuls
+    assert graphs() == graphs_before + 1
+    # a break per layer (the eager experts) costs more than their matmuls
+    assert sum(counters['graph_break'].values()) == breaks_before
 
 
 @torch.no_grad()
@@ -102,9 +104,12 @@ def test_new_lengths_and_batch_sizes_do_not_recompile_the_step_per_request():
     assert graphs() == batch_one
     mask = torch.ones(3, 7, dtype=torch.long)
     mask[0, :2] = 0  # left padding
-    model.generate(ids(2, 7), max_new_tokens=4, stop_token_ids=(), compile=options)  # batch becomes dynamic
+    # The batch becomes dynamic: at batch 2 in the step (which saw batch 1), at batch 3 in the graphs
+    # between the eager experts (batch 1 traces its experts, so batch 2 is the first they see).
+    for batch in (2, 3):
+        model.generate(ids(batch, 7), max_new_tokens=4, stop_token_ids=(), compile=options)
     after_dynamic = graphs()
-    for batch in (3, 5):
+    for batch in (4, 5):
         prompt = ids(batch, 7, seed=batch)
         padding = mask[:1].expand(batch, 7)
         out = model.generate(prompt, max_new_tokens=10, stop_token_ids=(), attention_mask=padding, compile=options)

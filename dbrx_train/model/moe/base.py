@@ -31,7 +31,7 @@ class Experts(nn.Module):
 
     def gathered(self, x: torch.Tensor, top_weights: torch.Tensor, top_experts: torch.Tensor) -> torch.Tensor | None:
         """The same result for one token (or a few) inside a compiled inference graph, written with
-        static shapes and no host sync (see `run_experts`); None: this backend has no such form."""
+        static shapes and no host sync (see `traced_experts`); None: this backend has no such form."""
         return None
 
     def extra_repr(self) -> str:
@@ -49,23 +49,22 @@ class GLUExperts(Experts):
         self.w2 = nn.Parameter(torch.empty(shape, device=device, dtype=dtype))
 
 
+@torch.compiler.disable
 def run_experts(experts: Experts, x: torch.Tensor, top_weights: torch.Tensor, top_experts: torch.Tensor) -> torch.Tensor:
     """`experts(x, top_weights, top_experts)`, left out of torch.compile's graphs: how many rows each
     expert gets decides the shapes of its matmuls and changes every step, so traced experts would
-    recompile every step. Under compile they run eagerly between the graphs around them.
-
-    The exception is a compiled batch-1 decoding step (one token, no gradients): there the backend's
-    `gathered` form, if it has one, is traced instead, so the whole step is one graph (a graph break
-    per layer and a host sync per token cost more than its top_k rows). A batch of one is a graph of
-    its own under dynamic batch sizes anyway (torch specialises sizes 0 and 1), so this adds none."""
-    if torch.compiler.is_compiling() and not torch.is_grad_enabled() and x.shape[0] == 1:
-        out = experts.gathered(x, top_weights, top_experts)
-        if out is not None:
-            return out
-    return _run_experts_eagerly(experts, x, top_weights, top_experts)
-
-
-@torch.compiler.disable
-def _run_experts_eagerly(experts: Experts, x: torch.Tensor, top_weights: torch.Tensor,
-                         top_experts: torch.Tensor) -> torch.Tensor:
+    recompile every step. Under compile they run eagerly between the graphs around them."""
     return experts(x, top_weights, top_experts)
+
+
+def traced_experts(experts: Experts, x: torch.Tensor, top_weights: torch.Tensor,
+                   top_experts: torch.Tensor) -> torch.Tensor | None:
+    """The experts' `gathered` form while torch.compile traces a batch-1 decoding step (one token, no
+    gradients), else None: then `run_experts`. So the whole step is one graph; a graph break per
+    layer and a host sync per token cost more than its top_k rows. A batch of one is a graph of its
+    own under dynamic batch sizes anyway (torch specialises sizes 0 and 1), so this adds none. (The
+    caller calls `run_experts` itself: a graph break inside a function dynamo inlines would make
+    that function a frame of its own, compiled once per experts module.)"""
+    if torch.compiler.is_compiling() and not torch.is_grad_enabled() and x.shape[0] == 1:
+        return experts.gathered(x, top_weights, top_experts)
+    return None
