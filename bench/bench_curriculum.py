@@ -1,6 +1,6 @@
 """What a curriculum costs the train loader: per batch against the plain streaming loader, and at a phase switch.
 
-    .venv/bin/python bench/bench_curriculum.py [--repeats 500] [--json PATH]
+    .venv/bin/python bench/bench_curriculum.py [--quick] [--repeats 500] [--json PATH]
 
 Data: the embedded corpus (data/embedded, built when missing) through yamls/pretrain/dbrx-tiny.yaml
 (8 samples of 256 tokens a step, 120 steps; at step 60 phase 2 begins with a 30-step ramp).
@@ -37,8 +37,11 @@ def endless(loader):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--repeats', type=int, default=500)
+    parser.add_argument('--quick', action='store_true', help='50 repeats (smoke run)')
     parser.add_argument('--json', help='also write the rows here')
     args = parser.parse_args()
+    if args.quick:
+        args.repeats = 50
 
     from dbrx_train.data import build_text_dataloader, make_embedded_corpus
     from dbrx_train.data.mixture import DEFAULT_BLOCK_SIZE, MixturePlan, StreamOrder, build_mixture_dataloader

@@ -2,7 +2,8 @@
 `generate`, with the memory-bandwidth ceiling of batch-1 decoding (what quantization costs in quality:
 bench/bench_quality.py).
 
-    .venv/bin/python bench/bench_inference.py [--quick] [--only peak decode] [--json PATH]
+    .venv/bin/python bench/bench_inference.py [--quick] [--only peak decode] [--configs bench small]
+        [--variants 'ours int4' ...] [--new-tokens N] [--json PATH]
 
 - peak: the fp32 and bf16 matmul rates of this CPU, and the bandwidth a large matrix-vector product reaches.
 - decode: batch-1 greedy tokens/s, same weights, all variants in turns (medians), on the bench config and on a
@@ -84,8 +85,19 @@ def bench_peak() -> tuple[list[str], dict]:
     return notes, {'fp32_gflops': fp32, 'bf16_gflops': bf16, 'matvec_gbps': bandwidth / 1e9}
 
 
-def bench_decode(config, s: Settings, bandwidth: float) -> tuple[str, dict]:
-    """Batch-1 greedy generation of every variant, in turns, on random weights of `config`."""
+def variant_names() -> list[str]:
+    """Every decode variant: ours in each of OURS (and compiled for COMPILED), then transformers."""
+    ours = [f'ours {name}{suffix}' for name, _, _ in OURS for suffix in ('', ' compiled')
+            if not suffix or name in COMPILED]
+    return ours + [f'transformers {name}' for name, _ in HF]
+
+
+REFERENCES = ('ours fp32', 'transformers fp32')  # always measured: the tables' ratios are to them
+
+
+def bench_decode(config, s: Settings, bandwidth: float, variants=None) -> tuple[str, dict]:
+    """Batch-1 greedy generation of each of `variants` (None: all), in turns, on random weights of `config`."""
+    wanted = set(variant_names() if variants is None else (*REFERENCES, *variants))
     torch.manual_seed(0)
     base = DbrxLM(config).eval()
     hf_base = hf_twin(base).eval()
@@ -94,11 +106,13 @@ def bench_decode(config, s: Settings, bandwidth: float) -> tuple[str, dict]:
     for name, dtype, method in OURS:
         model = models[f'ours {name}'] = ours_variant(base, dtype, method)
         for variant, options in ((name, None), (f'{name} compiled', {})):
-            if options is None or name in COMPILED:
+            if f'ours {variant}' in wanted:
                 models[f'ours {variant}'] = model
                 runs[f'ours {variant}'] = (lambda m=model, v=variant, o=options: outputs.__setitem__(
                     f'ours {v}', m.generate(prompt, max_new_tokens=s.new_tokens, stop_token_ids=(), compile=o)))
     for name, dtype in HF:
+        if f'transformers {name}' not in wanted:
+            continue
         model = copy.deepcopy(hf_base).to(dtype)
 
         @torch.inference_mode()
@@ -111,7 +125,7 @@ def bench_decode(config, s: Settings, bandwidth: float) -> tuple[str, dict]:
     first = {name: timed(run) for name, run in runs.items() if name.endswith('compiled')}  # compiles
     seconds = alternate(runs, warmup=1, repeats=s.repeats)
     tps = {name: s.new_tokens / t for name, t in seconds.items()}
-    hf32, hf16 = tps['transformers fp32'], tps['transformers bf16']
+    hf32, hf16 = tps['transformers fp32'], tps.get('transformers bf16')
     lines = ['| variant | tokens/s | x transformers fp32 | x transformers same dtype | MiB read per step '
              '| ceiling tokens/s | share of ceiling |', '|---|--:|--:|--:|--:|--:|--:|']
     result = {}
@@ -121,7 +135,8 @@ def bench_decode(config, s: Settings, bandwidth: float) -> tuple[str, dict]:
         weights = models.get(name) or models[f'ours {dtype_name}']  # transformers reads as many bytes as ours
         nbytes = step_bytes(weights)
         ceiling = bandwidth / nbytes
-        lines.append(f'| {name} | {rate:.1f} | {rate / hf32:.2f}x | {rate / same:.2f}x | {nbytes / 2**20:.0f} '
+        same = f'{rate / same:.2f}x' if same else 'not run'
+        lines.append(f'| {name} | {rate:.1f} | {rate / hf32:.2f}x | {same} | {nbytes / 2**20:.0f} '
                      f'| {ceiling:.0f} | {100 * rate / ceiling:.0f}% |')
         result[name] = {'tokens_per_s': rate, 'step_mib': nbytes / 2**20, 'ceiling_tokens_per_s': ceiling}
     agree = {n: float((outputs[n][0, PROMPT_LEN:] == outputs['ours fp32'][0, PROMPT_LEN:]).float().mean())
@@ -141,9 +156,14 @@ def main(argv=None) -> None:
     parser.add_argument('--only', nargs='+', choices=SECTIONS, default=SECTIONS)
     parser.add_argument('--configs', nargs='+', choices=('bench', 'small'), default=('bench', 'small'),
                         help='decode on the bench config, the d_model 256 one, or both')
+    parser.add_argument('--variants', nargs='+', choices=variant_names(),
+                        help=f'decode only these (and always {" and ".join(REFERENCES)})')
+    parser.add_argument('--new-tokens', type=int, help=f'tokens each decode run generates (default {FULL.new_tokens})')
     parser.add_argument('--json', type=Path)
     args = parser.parse_args(argv)
     s = QUICK if args.quick else FULL
+    if args.new_tokens:
+        s = replace(s, new_tokens=args.new_tokens)
 
     from transformers.utils import logging as hf_logging
 
@@ -161,7 +181,8 @@ def main(argv=None) -> None:
         chosen = {'bench': (source, bench), 'small': ('d_model 256, 4 layers', small)}
         for label, config in (chosen[name] for name in args.configs):
             log(f'measuring batch-1 decoding on {label} ({time.perf_counter() - start:.0f}s so far)')
-            table, payload[f'decode {label}'] = bench_decode(config, s, payload['peak']['matvec_gbps'] * 1e9)
+            table, payload[f'decode {label}'] = bench_decode(config, s, payload['peak']['matvec_gbps'] * 1e9,
+                                                                   args.variants)
             ffn = config.ffn_config
             print(f'\n**Batch-1 greedy decoding**, {label}: d_model {config.d_model}, {config.n_layers} layers, '
                   f'{ffn.moe_num_experts} experts top-{ffn.moe_top_k}, ffn {ffn.ffn_hidden_size}, vocab '

@@ -4,11 +4,12 @@ one `normal_` of as many elements from a single generator (what a layout-depende
 for world sizes 8 and 64 with moe_world_size 8; and rank 0's whole init time, extrapolated from
 the measured rate to its parameter count (`training.sizing`).
 
-Run: `.venv/bin/python bench/bench_init.py` (about a minute; one thread, as a rank of a node).
+Run: `.venv/bin/python bench/bench_init.py [--quick]` (about a minute; one thread, as a rank of a node).
 """
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import platform
 import subprocess
@@ -36,6 +37,10 @@ def best_of(fn, repeats: int = 3) -> float:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--quick', action='store_true', help='world size 8 only, one repeat (smoke run)')
+    args = parser.parse_args()
+    repeats, worlds = (1, (8,)) if args.quick else (3, (8, 64))
     torch.set_num_threads(1)
     config = with_moe_world_size(load_model_config(REPO / 'yamls' / 'models' / 'dbrx-132b.yaml'), 8)
     ffn = config.ffn_config
@@ -47,12 +52,12 @@ def main() -> None:
     print('| world (EP 8) | rank 0 rows of w1 | keyed blocks, s | one normal_, s | ratio | rank 0 parameters | '
           'rank 0 init, keyed (extrapolated), s |')
     print('|---:|---:|---:|---:|---:|---:|---:|')
-    for world in (8, 64):
+    for world in worlds:
         # Rank 0's rows: its experts (1/8), then its FSDP shard over the world/8 replicas.
         rows = shape[0] // 8 // (world // 8)
         region = (slice(0, rows), slice(0, shape[1]))
-        keyed = best_of(lambda: draw_normal(0, 'blocks.0.ffn.experts.w1', shape, region, 0.02))
-        plain = best_of(lambda: torch.empty(rows, shape[1]).normal_(0.0, 0.02))
+        keyed = best_of(lambda: draw_normal(0, 'blocks.0.ffn.experts.w1', shape, region, 0.02), repeats)
+        plain = best_of(lambda: torch.empty(rows, shape[1]).normal_(0.0, 0.02), repeats)
         numel = rank_size(config, Layout(world), 1, 1, Traffic.of('amp_bf16')).numel
         rate = rows * shape[1] / keyed
         print(f'| {world} | {rows:,} | {keyed:.3f} | {plain:.3f} | {keyed / plain:.2f}x | {numel:,} | '

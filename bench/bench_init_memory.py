@@ -10,11 +10,12 @@ whole model first, so it is over 1.0x.
 
 The `cpu` row needs about 4 x 3.3 GB at once: it runs first (while the memory seen at the start is still
 free), and only when MemAvailable allows it.
-Run: `.venv/bin/python bench/bench_init_memory.py` (a few minutes on 2 cores).
+Run: `.venv/bin/python bench/bench_init_memory.py [--quick]` (a few minutes on 2 cores).
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import datetime
 import platform
@@ -58,6 +59,9 @@ def on_rank(config, init_device: str) -> dict:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--quick', action='store_true', help='the init_device: meta row only (smoke run)')
+    args = parser.parse_args()
     model_bytes = 4 * model_numel(BIG)
     commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=REPO, capture_output=True,
                             text=True).stdout.strip()
@@ -69,7 +73,7 @@ def main() -> None:
     print('| init_device | busiest rank peak RSS, MiB | tiny model, MiB | above tiny, MiB | x model fp32 bytes | '
           'rank shards, MiB |')
     print('|---|---:|---:|---:|---:|---:|')
-    for init_device in ('cpu', 'meta'):
+    for init_device in ('meta',) if args.quick else ('cpu', 'meta'):
         if init_device == 'cpu' and mem_available_bytes() < 1.1 * WORLD * model_bytes:
             print(f'| cpu | not run: MemAvailable {mem_available_bytes() / 2**30:.1f} GiB < 1.1 x {WORLD} x the model '
                   '| | | | |')

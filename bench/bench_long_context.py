@@ -1,6 +1,7 @@
 """Packed rows vs plain causal rows at long context: one training step (loss, backward) of one row.
 
-    .venv/bin/python bench/bench_long_context.py [--quick] [--seqs 4096 8192 16384 32768] [--candidates] [--json PATH]
+    .venv/bin/python bench/bench_long_context.py [--quick] [--seqs 4096 8192 16384 32768] [--variants causal packed ...]
+        [--candidates] [--json PATH]
 
 Each measurement runs in a fresh process: one step, timed, with the peak-RSS counter reset after
 the model is built (a warm-up step would double a run that takes minutes on a shared machine). Variants, on the same weights and tokens:
@@ -173,6 +174,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--quick', action='store_true', help='4K and 8K only (smoke run)')
     parser.add_argument('--seqs', type=int, nargs='+', default=SEQS)
+    parser.add_argument('--variants', nargs='+', choices=VARIANTS, default=VARIANTS, help='measure only these')
     parser.add_argument('--candidates', action='store_true', help='also time the attention kernels alone')
     parser.add_argument('--json', type=Path, help='also write the results here')
     parser.add_argument('--child', nargs=2, help=argparse.SUPPRESS)
@@ -186,7 +188,7 @@ def main(argv=None) -> None:
     started, loads = time.perf_counter(), [load_average()]
     results = {}
     for seq in seqs:
-        for variant in VARIANTS:
+        for variant in args.variants:
             if (variant == 'packed, dense' and seq > DENSE_UP_TO) or (variant == 'transformers' and seq > HF_UP_TO):
                 continue
             results[(variant, seq)] = in_fresh_process(variant, str(seq))
@@ -200,7 +202,7 @@ def main(argv=None) -> None:
 
     def ratio(variant, seq, key):
         r, c = results.get((variant, seq)), results.get(('causal', seq))
-        return '' if not r or 'error' in r or 'error' in c else f'{r[key] / c[key]:.2f}x'
+        return '' if not r or not c or 'error' in r or 'error' in c else f'{r[key] / c[key]:.2f}x'
 
     print('| seq | causal s | packed s | packed / causal time | packed, dense s | dense / causal time | transformers s '
           '| causal MiB | packed MiB | packed / causal memory | packed, dense MiB | dense / causal memory '

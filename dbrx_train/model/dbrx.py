@@ -25,7 +25,7 @@ from dbrx_train.model.config import ModelConfig
 from dbrx_train.model.generation import generate
 from dbrx_train.model.loss import linear_cross_entropy, load_balancing_loss
 from dbrx_train.model.init import init_normal_, local_part
-from dbrx_train.model.moe import build_experts, run_experts
+from dbrx_train.model.moe import build_experts, run_experts, traced_experts
 from dbrx_train.model.quantize import QuantizedLinear, compute_dtype, quantize
 
 NORM_EPS = 1e-5
@@ -123,7 +123,9 @@ class MoE(nn.Module):
         top_weights, top_experts = probs.topk(self.top_k, dim=-1)
         if self.normalize_p is not None:
             top_weights = top_weights / top_weights.norm(p=self.normalize_p, dim=-1, keepdim=True)
-        out = run_experts(self.experts, tokens, top_weights, top_experts)
+        out = traced_experts(self.experts, tokens, top_weights, top_experts)
+        if out is None:
+            out = run_experts(self.experts, tokens, top_weights, top_experts)
         flat_experts = top_experts.reshape(-1)
         stats = RouterStats(
             mean_probs=probs.mean(dim=0),

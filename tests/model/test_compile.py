@@ -83,6 +83,16 @@ def test_compiled_greedy_decoding_equals_eager():
 
 
 @torch.no_grad()
+def test_a_batch_one_decoding_step_is_one_graph_experts_included():
+    model = fresh_model()
+    graphs_before, breaks_before = graphs(), sum(counters['graph_break'].values())
+    model.generate(ids(1, 5), max_new_tokens=4, stop_token_ids=(), compile={'backend': 'eager'})
+    assert graphs() == graphs_before + 1
+    # a break per layer (the eager experts) costs more than their matmuls
+    assert sum(counters['graph_break'].values()) == breaks_before
+
+
+@torch.no_grad()
 def test_new_lengths_and_batch_sizes_do_not_recompile_the_step_per_request():
     model = fresh_model()
     options = {'backend': 'eager'}
@@ -94,9 +104,12 @@ def test_new_lengths_and_batch_sizes_do_not_recompile_the_step_per_request():
     assert graphs() == batch_one
     mask = torch.ones(3, 7, dtype=torch.long)
     mask[0, :2] = 0  # left padding
-    model.generate(ids(2, 7), max_new_tokens=4, stop_token_ids=(), compile=options)  # batch becomes dynamic
+    # The batch becomes dynamic: at batch 2 in the step (which saw batch 1), at batch 3 in the graphs
+    # between the eager experts (batch 1 traces its experts, so batch 2 is the first they see).
+    for batch in (2, 3):
+        model.generate(ids(batch, 7), max_new_tokens=4, stop_token_ids=(), compile=options)
     after_dynamic = graphs()
-    for batch in (3, 5):
+    for batch in (4, 5):
         prompt = ids(batch, 7, seed=batch)
         padding = mask[:1].expand(batch, 7)
         out = model.generate(prompt, max_new_tokens=10, stop_token_ids=(), attention_mask=padding, compile=options)

@@ -50,6 +50,16 @@ def test_grouped_experts_match_per_token_reference(top_k, p):
     assert stats.tokens_per_expert.sum() == 37 * top_k  # every token reached all of its top_k experts
 
 
+@pytest.mark.parametrize('tokens', [1, 3])
+@torch.no_grad()
+def test_gathered_experts_of_the_compiled_decoding_step_match_the_reference(tokens):
+    moe = make_moe(top_k=4)
+    x = torch.randn(tokens, D_MODEL)
+    weights, experts = moe.router(x).softmax(dim=-1).topk(4, dim=-1)
+    weights = weights / weights.sum(dim=-1, keepdim=True)
+    torch.testing.assert_close(moe.experts.gathered(x, weights, experts), reference_moe(moe, x), atol=1e-5, rtol=1e-5)
+
+
 def tiny_lm(n_layers=3) -> DbrxLM:
     return DbrxLM(ModelConfig(d_model=D_MODEL, n_heads=4, n_layers=n_layers, max_seq_len=16, vocab_size=64,
                               ffn_config=FFNConfig(ffn_hidden_size=FFN, moe_num_experts=EXPERTS, moe_top_k=2)))

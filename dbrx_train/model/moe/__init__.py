@@ -15,13 +15,13 @@ from torch import nn
 
 from dbrx_train.errors import ConfigError
 from dbrx_train.model.config import MoEBackendName
-from dbrx_train.model.moe.base import Experts, GLUExperts, run_experts
+from dbrx_train.model.moe.base import Experts, GLUExperts, run_experts, traced_experts
 from dbrx_train.model.moe.torch_dropless import TorchDroplessExperts
 
 BACKENDS: dict[str, type[GLUExperts]] = {'torch': TorchDroplessExperts}
 
 __all__ = ['BACKENDS', 'Experts', 'GLUExperts', 'TorchDroplessExperts', 'build_experts', 'replace_experts',
-           'run_experts']
+           'run_experts', 'traced_experts']
 
 
 def build_experts(backend: MoEBackendName, d_model: int, ffn_hidden_size: int, num_experts: int, device=None,

@@ -29,6 +29,11 @@ class Experts(nn.Module):
         token's experts' outputs, `(tokens, d_model)`."""
         raise NotImplementedError
 
+    def gathered(self, x: torch.Tensor, top_weights: torch.Tensor, top_experts: torch.Tensor) -> torch.Tensor | None:
+        """The same result for one token (or a few) inside a compiled inference graph, written with
+        static shapes and no host sync (see `traced_experts`); None: this backend has no such form."""
+        return None
+
     def extra_repr(self) -> str:
         return f'num_experts={self.num_experts}, d_model={self.d_model}, ffn_hidden_size={self.ffn_hidden_size}'
 
@@ -50,3 +55,16 @@ def run_experts(experts: Experts, x: torch.Tensor, top_weights: torch.Tensor, to
     expert gets decides the shapes of its matmuls and changes every step, so traced experts would
     recompile every step. Under compile they run eagerly between the graphs around them."""
     return experts(x, top_weights, top_experts)
+
+
+def traced_experts(experts: Experts, x: torch.Tensor, top_weights: torch.Tensor,
+                   top_experts: torch.Tensor) -> torch.Tensor | None:
+    """The experts' `gathered` form while torch.compile traces a batch-1 decoding step (one token, no
+    gradients), else None: then `run_experts`. So the whole step is one graph; a graph break per
+    layer and a host sync per token cost more than its top_k rows. A batch of one is a graph of its
+    own under dynamic batch sizes anyway (torch specialises sizes 0 and 1), so this adds none. (The
+    caller calls `run_experts` itself: a graph break inside a function dynamo inlines would make
+    that function a frame of its own, compiled once per experts module.)"""
+    if torch.compiler.is_compiling() and not torch.is_grad_enabled() and x.shape[0] == 1:
+        return experts.gathered(x, top_weights, top_experts)
+    return None

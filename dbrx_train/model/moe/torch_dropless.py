@@ -34,6 +34,9 @@ class TorchDroplessExperts(GLUExperts):
         return dropless_moe(x, top_weights, top_experts, self.num_experts,
                             glu_ffn(self.w1, self.v1, self.w2, self.num_experts))
 
+    def gathered(self, x: torch.Tensor, top_weights: torch.Tensor, top_experts: torch.Tensor) -> torch.Tensor:
+        return gathered_glu(x, top_weights, top_experts, self.w1, self.v1, self.w2, self.num_experts)
+
 
 def dropless_moe(x: torch.Tensor, top_weights: torch.Tensor, top_experts: torch.Tensor, num_experts: int,
                  expert_ffn: ExpertFFN) -> torch.Tensor:
@@ -87,6 +90,20 @@ def combine(x: torch.Tensor, expert_out: torch.Tensor, top_weights: torch.Tensor
     """Each token's router-weighted sum of its rows of `expert_out` (in `sort_by_expert` order)."""
     weighted = expert_out * top_weights.reshape(-1, 1)[order].to(x.dtype)
     return torch.zeros_like(x).index_add_(0, token_of_row, weighted)
+
+
+def gathered_glu(x: torch.Tensor, top_weights: torch.Tensor, top_experts: torch.Tensor, w1: torch.Tensor,
+                 v1: torch.Tensor, w2: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """`dropless_moe` with the GLU written as multiplies and sums over each token's gathered expert
+    weights. Compiled by inductor, each matrix becomes one reduction kernel that reads only the
+    chosen experts' rows (indexing fused into the loads): no host sync, no sort, static shapes.
+    Run eagerly it would copy `(tokens, top_k, ffn, d_model)` weights: for compiled graphs only."""
+    w1, v1, w2 = (w.view(num_experts, -1, w.shape[-1]) for w in (w1, v1, w2))
+    rows = x[:, None, None, :]  # (tokens, 1, 1, d_model)
+    h = (w1[top_experts] * rows).sum(-1)  # (tokens, top_k, ffn)
+    gated = F.silu(h) * (v1[top_experts] * rows).sum(-1)
+    out = (gated[..., None] * w2[top_experts]).sum(-2)  # (tokens, top_k, d_model)
+    return (out * top_weights[..., None].to(out.dtype)).sum(1)
 
 
 def _glu(x, w1, v1, w2):
