@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import socket
 import tempfile
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -34,7 +35,14 @@ def _rank_main(rank: int, world_size: int, port: int, tmp: str, fn, args) -> Non
     try:
         torch.save(fn(*args), Path(tmp) / f'{rank}.pt')
     finally:
-        dist.destroy_process_group()
+        # A gloo worker thread may still be freeing the last collective's tensors, which takes the
+        # GIL, while destroying the group joins that thread holding the GIL: a deadlock (torch 2.7;
+        # one rank of an expert-parallel test hung so in a full `make test`). A barrier waits with the GIL released, so the thread gets
+        # to finish first; monitored, so that a rank whose peer failed does not wait for it forever.
+        try:
+            dist.monitored_barrier(timeout=timedelta(seconds=120))
+        finally:
+            dist.destroy_process_group()
 
 
 class SpawnedOnce:
