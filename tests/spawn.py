@@ -37,8 +37,8 @@ def _rank_main(rank: int, world_size: int, port: int, tmp: str, fn, args) -> Non
     finally:
         # A gloo worker thread may still be freeing the last collective's tensors, which takes the
         # GIL, while destroying the group joins that thread holding the GIL: a deadlock (torch 2.7;
-        # one rank of an expert-parallel test hung so in a full `make test`). A barrier waits with the GIL released, so the thread gets
-        # to finish first; monitored, so that a rank whose peer failed does not wait for it forever.
+        # a rank of an expert-parallel test hung so once). A barrier waits with the GIL released,
+        # so the thread finishes first; monitored, so a rank whose peer failed does not wait forever.
         try:
             dist.monitored_barrier(timeout=timedelta(seconds=120))
         finally:
