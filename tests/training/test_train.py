@@ -150,15 +150,6 @@ def test_a_run_resumes_with_another_expert_parallel_degree(request, tiny_corpus,
         assert resumed[step] == pytest.approx(uninterrupted[step], rel=1e-4), step
 
 
-def test_a_quantized_model_section_is_refused_for_training():
-    from dbrx_train.errors import ConfigError
-    from dbrx_train.training.config import TrainConfig
-    from dbrx_train.typed_config import load_yaml, parse
-
-    with pytest.raises(ConfigError, match='^model.quantization: quantized weights are for inference'):
-        parse(TrainConfig, load_yaml(CONFIG, ['model.quantization=int8']))
-
-
 @pytest.mark.parametrize('native, expected', [('AMX', 'amp_bf16'), (None, 'fp32')])
 def test_amp_bf16_on_cpu_only_where_bf16_is_native_and_the_choice_is_logged(monkeypatch, caplog, native, expected):
     from dbrx_train.training import trainer
