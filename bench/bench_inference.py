@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import statistics
 import sys
 import time
 from dataclasses import dataclass, replace

@@ -17,19 +17,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
-import platform
 import resource
-import subprocess
 import sys
 from pathlib import Path
 
-import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import mem_available_bytes  # noqa: E402
+from bench.common import mem_available_bytes, run_header  # noqa: E402
 from dbrx_train.info import load_model_config  # noqa: E402
 from dbrx_train.model.dbrx import DbrxLM  # noqa: E402
 from dbrx_train.model.init import local_part  # noqa: E402
@@ -63,11 +59,7 @@ def main() -> None:
     parser.add_argument('--quick', action='store_true', help='the init_device: meta row only (smoke run)')
     args = parser.parse_args()
     model_bytes = 4 * model_numel(BIG)
-    commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=REPO, capture_output=True,
-                            text=True).stdout.strip()
-    load = Path('/proc/loadavg').read_text().split()[:3]
-    print(f'{datetime.date.today()}, commit {commit}, {platform.machine()}, capability '
-          f'{torch.backends.cpu.get_cpu_capability()}, load average {" ".join(load)}; {WORLD} gloo ranks, '
+    print(f'{run_header()}; {WORLD} gloo ranks, '
           f'moe_world_size {MOE_WORLD_SIZE}; model {model_numel(BIG):,} parameters = {model_bytes / 2**20:,.0f} MiB '
           'fp32\n')
     print('| init_device | busiest rank peak RSS, MiB | tiny model, MiB | above tiny, MiB | x model fp32 bytes | '

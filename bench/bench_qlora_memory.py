@@ -27,10 +27,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -40,7 +38,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import mem_available_bytes, peak_resident_mib, reset_peak_resident, resident_mib  # noqa: E402
+from bench.common import mem_available_bytes, peak_resident_mib, reset_peak_resident, resident_mib, run_header  # noqa: E402
 from dbrx_train.model.config import AttentionConfig, FFNConfig, ModelConfig  # noqa: E402
 from dbrx_train.model.dbrx import DbrxLM  # noqa: E402
 from dbrx_train.model.lora import LoraConfig, adapters, apply_lora  # noqa: E402
@@ -120,11 +118,7 @@ def main() -> None:
     if args.variant is not None:
         print(json.dumps(measure(VARIANTS[args.variant])))
         return
-    commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=REPO, capture_output=True,
-                            text=True).stdout.strip()
-    load = Path('/proc/loadavg').read_text().split()[:3]
-    print(f'{datetime.date.today()}, commit {commit}, {platform.machine()}, capability '
-          f'{torch.backends.cpu.get_cpu_capability()}, load average {" ".join(load)}; one process, fp32 compute; '
+    print(f'{run_header()}; one process, fp32 compute; '
           f'{BENCH.n_layers} layers, d_model {BENCH.d_model}, {BENCH.ffn_config.moe_num_experts} experts of '
           f'{BENCH.ffn_config.ffn_hidden_size}, vocab {BENCH.vocab_size}; LoRA rank {LORA.r} on every target; '
           f'T = {TOKENS} tokens\n')

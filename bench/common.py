@@ -4,7 +4,10 @@ the measured matmul peak, timing in turns, and a process's resident memory."""
 from __future__ import annotations
 
 import ctypes
+import datetime
+import platform
 import statistics
+import subprocess
 import time
 from pathlib import Path
 
@@ -98,3 +101,13 @@ def mem_available_bytes() -> int:
         if line.startswith('MemAvailable:'):
             return int(line.split()[1]) * 1024
     return 0
+
+
+def run_header() -> str:
+    """What every memory table starts with: date, commit, machine, CPU capability and load."""
+    repo = Path(__file__).resolve().parents[1]
+    commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=repo, capture_output=True,
+                            text=True).stdout.strip()
+    load = ' '.join(Path('/proc/loadavg').read_text().split()[:3])
+    return (f'{datetime.date.today()}, commit {commit}, {platform.machine()}, capability '
+            f'{torch.backends.cpu.get_cpu_capability()}, load average {load}')
