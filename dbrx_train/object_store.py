@@ -54,21 +54,19 @@ class RemoteFolder:
     def check_access(self, what: str) -> None:
         """A one-line `UserError` naming the URI when the folder cannot be listed (wrong key,
         missing bucket, unreachable endpoint): before training, never an hour in."""
-        try:
-            self.store.list_objects(self.key(''))
-        except Exception as e:  # botocore and the other clients raise many types
-            reason = ' '.join(str(e).split()) or type(e).__name__
-            raise UserError(f'{what} {self.uri}: cannot list it ({type(e).__name__}: {reason})') from None
+        self._listed(self.key(''), what)
 
     def check_file(self, name: str, what: str) -> None:
         """`check_access`, and a one-line `UserError` when object `name` is missing."""
+        if self.key(name) not in self._listed(self.key(name), what):
+            raise UserError(f'{what} {self.uri}: no {name} there')
+
+    def _listed(self, key_prefix: str, what: str) -> list[str]:
         try:
-            found = self.key(name) in self.store.list_objects(self.key(name))
+            return self.store.list_objects(key_prefix)
         except Exception as e:  # botocore and the other clients raise many types
             reason = ' '.join(str(e).split()) or type(e).__name__
             raise UserError(f'{what} {self.uri}: cannot list it ({type(e).__name__}: {reason})') from None
-        if not found:
-            raise UserError(f'{what} {self.uri}: no {name} there')
 
     def upload(self, file: Path, name: str) -> None:
         self.store.upload_object(self.key(name), str(file))
@@ -91,10 +89,16 @@ class RemoteFolder:
             log.warning('cannot delete %s on this object store; kept', self.store.get_uri(key))
 
 
+def node_local_folder(kind: str, uri: str, *more: str) -> Path:
+    """A folder in this node's temporary directory for `uri` (and `more`): the same for the same
+    endpoint, URI and `more`, in every process of the node."""
+    key = '\0'.join([os.environ.get('S3_ENDPOINT_URL', ''), uri.rstrip('/'), *more])
+    return Path(tempfile.gettempdir()) / f'dbrx_train-{kind}' / hashlib.sha1(key.encode()).hexdigest()[:16]
+
+
 def download_cache(uri: str) -> Path:
-    """The node-local folder downloads of `uri` go to: the same for the same endpoint and URI."""
-    key = '\0'.join([os.environ.get('S3_ENDPOINT_URL', ''), uri.rstrip('/')])
-    return Path(tempfile.gettempdir()) / 'dbrx_train-downloads' / hashlib.sha1(key.encode()).hexdigest()[:16]
+    """The node-local folder downloads of `uri` go to."""
+    return node_local_folder('downloads', uri)
 
 
 _copied: dict[str, Path] = {}  # uri -> its local copy, made by this process

@@ -13,7 +13,6 @@ where its predecessor wrote.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -22,7 +21,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from dbrx_train.object_store import RemoteFolder, download_cache, local_copy
+from dbrx_train.object_store import RemoteFolder, download_cache, local_copy, node_local_folder
 
 INDEX = '.index.json'
 LATEST_NAME = 'latest-rank0.pt'  # what Composer's readers look for in a save_folder (saver.LATEST)
@@ -100,8 +99,7 @@ class RemoteCheckpoints(RemoteFolder):
 def local_folder(uri: str, run_name: str) -> Path:
     """The node-local working folder of a run saving to `uri`: the same for every rank and every
     attempt, distinct for another endpoint or run."""
-    key = '\0'.join([os.environ.get('S3_ENDPOINT_URL', ''), uri.rstrip('/'), run_name])
-    return Path(tempfile.gettempdir()) / 'dbrx_train-checkpoints' / hashlib.sha1(key.encode()).hexdigest()[:16]
+    return node_local_folder('checkpoints', uri, run_name)
 
 
 def local_saved_model(uri: str) -> Path:
