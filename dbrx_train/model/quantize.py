@@ -310,6 +310,9 @@ class QuantizedModule(nn.Module):
 
     def __init__(self, fmt: WeightFormat):
         super().__init__()
+        self._set_format(fmt)
+
+    def _set_format(self, fmt: WeightFormat) -> None:
         self.format = fmt
         self.kernel_cache = Int4KernelCache()
         self.lora = nn.ModuleDict()
@@ -393,9 +396,7 @@ class QuantizedExperts(QuantizedModule, Experts):
     def __init__(self, d_model: int, ffn_hidden_size: int, num_experts: int, fmt: WeightFormat, dtype: torch.dtype,
                  device=None):
         Experts.__init__(self, d_model, ffn_hidden_size, num_experts)
-        self.format = fmt
-        self.kernel_cache = Int4KernelCache()
-        self.lora = nn.ModuleDict()
+        self._set_format(fmt)
         for name, rows, cols in self._matrices():
             for suffix, (shape, part_dtype) in fmt.parts(num_experts * rows, cols).items():
                 self.register_buffer(self._buffer(name, suffix),
@@ -524,18 +525,19 @@ def matrix_layouts(config) -> list[MatrixLayout]:
     """The quantized matrices of a model of `config` (quantized), by float name."""
     fmt = weight_format(config.quantization, config.quantization_group_size)
 
-    def stored(prefix: str, name: str, separator: str) -> dict[str, str]:
-        return {suffix: f'{prefix}{name}{separator}{suffix}' if suffix else f'{prefix}{name}' for suffix in fmt.suffixes}
+    def stored(module: str, kind: type[QuantizedModule], name: str) -> dict[str, str]:
+        return {suffix: f'{module}.{kind._buffer(name, suffix)}' for suffix in fmt.suffixes}
 
     layouts = []
     for i in range(config.n_layers):
         for attn in ('Wqkv', 'out_proj'):
-            prefix = f'blocks.{i}.attn.{attn}.'
-            layouts.append(MatrixLayout(f'{prefix}weight', {s: f'{prefix}{s or "weight"}' for s in fmt.suffixes}))
+            module = f'blocks.{i}.attn.{attn}'
+            layouts.append(MatrixLayout(f'{module}.weight', stored(module, QuantizedLinear, 'weight')))
         for name in ('w1', 'v1', 'w2'):
-            layouts.append(MatrixLayout(f'blocks.{i}.ffn.experts.{name}', stored(f'blocks.{i}.ffn.experts.', name, '_'),
+            module = f'blocks.{i}.ffn.experts'
+            layouts.append(MatrixLayout(f'{module}.{name}', stored(module, QuantizedExperts, name),
                                         config.ffn_config.moe_num_experts if name == 'w2' else 0))
-    layouts.append(MatrixLayout('lm_head.weight', {s: f'lm_head.{s or "weight"}' for s in fmt.suffixes}))
+    layouts.append(MatrixLayout('lm_head.weight', stored('lm_head', QuantizedLinear, 'weight')))
     return layouts
 
 
