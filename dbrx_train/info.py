@@ -135,6 +135,12 @@ def describe_qlora_layout(config: ModelConfig, layout: Layout, lora_rank: int) -
         f'({4 + 32 / config.quantization_group_size:g} bits per weight)')
     sharding = (f'HYBRID_SHARD over groups of {layout.shard_group_size}' if layout.shard_group_size
                 else 'FULL_SHARD')
+    m = config.ffn_config.moe_world_size
+    if m > 1:
+        sharding += f', expert parallelism over {m} ranks (each stores its experts whole)'
+    gathered = (f'{size.gathered_bytes / GIB:.2f} GiB (one layer\'s quantized experts while they run; plus one '
+                'dequantized expert matrix)' if m == 1 else
+                'none (expert parallelism: a rank runs its own experts); one dequantized expert matrix')
     rows = [('base, quantized', size.base_quantized), ('base, float', size.base_float),
             ('adapters', size.adapters), ('adapter grads', size.adapter_grads), ('AdamW', size.adamw),
             ('total', size.total)]
@@ -145,8 +151,7 @@ def describe_qlora_layout(config: ModelConfig, layout: Layout, lora_rank: int) -
         f'{size.adapter_numel:,} parameters on rank 0, fp32 with fp32 gradients and AdamW moments',
         'per rank (rank 0; GiB = 2^30 bytes):',
         *(f'  {name:<16}{value / GIB:>10.2f}' for name, value in rows),
-        f'gathered module:   {size.gathered_bytes / GIB:.2f} GiB (one layer\'s quantized experts while they run; '
-        'plus one dequantized expert matrix)',
+        f'gathered module:   {gathered}',
     ])
 
 

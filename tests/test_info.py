@@ -80,8 +80,6 @@ def test_sizes_one_rank_of_the_132b_preset_on_8_expert_parallel_ranks(capsys):
      'fsdp_config.shard_group_size: the world size (12) is not a multiple of 8'),
     (['--world-size', '8', '--micro-batch', '0'], 'micro_batch: must be at least 1, got 0'),
     (['--world-size', '8', '--quantization', 'int4'], '--lora-rank: QLoRA sizing needs both'),
-    (['--world-size', '8', '--quantization', 'int4', '--lora-rank', '16', '--moe-world-size', '8'],
-     'model.ffn_config.moe_world_size: a quantized (QLoRA) base is not supported with expert parallelism'),
 ])
 def test_impossible_layouts_are_one_line_errors_naming_the_key(args, error, capsys):
     with pytest.raises(SystemExit) as exit_info:

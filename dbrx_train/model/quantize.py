@@ -45,6 +45,7 @@ from dbrx_train.errors import ConfigError
 from dbrx_train.model.config import INT4_GROUP_SIZES, Quantization
 from dbrx_train.model.init import local_part, local_region
 from dbrx_train.model.moe import Experts, GLUExperts, replace_experts
+from dbrx_train.model.moe.expert_parallel import ExpertParallel, shard_by_expert, shard_expert_tensors
 from dbrx_train.model.moe.torch_dropless import ExpertFFN, dropless_moe
 
 QUANTIZATIONS: tuple[str, ...] = get_args(Quantization)
@@ -242,13 +243,17 @@ class StoredParts:
     pass releases them when the module is done; the backward pass gathers them again and its last
     matmul releases them. Between the passes a rank holds only its shards, as FSDP2 does for weights."""
 
-    def __init__(self, module: nn.Module):
-        self.module, self.whole, self.pending = module, {}, 0
+    def __init__(self, module: nn.Module, local: bool = False):
+        """`local`: the module's DTensors are read as this rank's part (its experts, under expert
+        parallelism), not gathered."""
+        self.module, self.local, self.whole, self.pending = module, local, {}, 0
 
     def __getitem__(self, name: str) -> torch.Tensor:
         if name not in self.whole:
             stored = getattr(self.module, name)
-            self.whole[name] = stored.full_tensor() if isinstance(stored, DTensor) else stored
+            if isinstance(stored, DTensor):
+                stored = stored.to_local() if self.local else stored.full_tensor()
+            self.whole[name] = stored
         return self.whole[name]
 
     def release(self) -> None:
@@ -442,13 +447,14 @@ class QuantizedExperts(QuantizedModule, Experts):
 
         return ffn_of
 
-    def adapted_ffn(self, parts: StoredParts) -> ExpertFFN:
+    def adapted_ffn(self, parts: StoredParts, read_factor=lambda factor: factor) -> ExpertFFN:
         """Expert `e`'s GLU with each matrix dequantized just in time and its adapter's update
-        `scale * (x @ A[e].T) @ B[e].T` added (for `w2`, stored transposed: `scale * (x @ B[e]) @ A[e]`)."""
+        `scale * (x @ A[e].T) @ B[e].T` added (for `w2`, stored transposed: `scale * (x @ B[e]) @ A[e]`).
+        `read_factor(A)` is the factor as multiplied by (expert parallelism: this rank's experts)."""
         ffn, d = self.ffn_hidden_size, self.d_model
         # unbind, not A[e]: each select's backward would write a zero-filled full-size gradient.
-        factors = {name: (a.unbind(0), b.unbind(0), adapter.scale)
-                   for name, adapter in self.lora.items() for a, b in [(adapter.lora_A, adapter.lora_B)]}
+        factors = {name: (read_factor(adapter.lora_A).unbind(0), read_factor(adapter.lora_B).unbind(0), adapter.scale)
+                   for name, adapter in self.lora.items()}
 
         def linear(name: str, rows_per_expert: int, e: int, x: torch.Tensor) -> torch.Tensor:
             rows = slice(e * rows_per_expert, (e + 1) * rows_per_expert)
@@ -468,12 +474,33 @@ class QuantizedExperts(QuantizedModule, Experts):
         return f'{Experts.extra_repr(self)}, {self.format.name}'
 
 
+class ExpertParallelQuantizedExperts(ExpertParallel, QuantizedExperts):
+    """The quantized experts (a QLoRA base) under expert parallelism: each rank stores its experts'
+    rows of every buffer (`Shard(0)` over the expert-parallel mesh, as the float experts' weights),
+    and their adapters, and runs the rows sent to them."""
+
+    def __init__(self, experts: QuantizedExperts, mesh):
+        self.check_split(experts.num_experts, mesh)
+        Experts.__init__(self, experts.d_model, experts.ffn_hidden_size, experts.num_experts)
+        self._set_format(experts.format)
+        self._place_on(mesh)
+        for name, buffer in experts.named_buffers(recurse=False):
+            self.register_buffer(name, shard_by_expert(buffer, mesh))
+        self.lora = experts.lora
+        shard_expert_tensors(self.lora, mesh)
+
+    def forward(self, x: torch.Tensor, top_weights: torch.Tensor, top_experts: torch.Tensor) -> torch.Tensor:
+        ffn = self.adapted_ffn(StoredParts(self, local=True), self.local_gradient)
+        return self.dispatch(x, top_weights, top_experts, ffn)
+
+
 def shard_quantized(model: nn.Module, mesh) -> None:
     """Shards every stored tensor of the quantized modules of `model` by rows over the 1-D `mesh`
     (a `DTensor` `Shard(0)`, as FSDP2 shards weights): each rank keeps its rows of the values it holds
-    (or of nothing, on meta), nothing is sent. The modules gather a matrix when they multiply by it."""
+    (or of nothing, on meta), nothing is sent. The modules gather a matrix when they multiply by it.
+    Experts already placed by expert parallelism keep their experts' rows whole."""
     for module in model.modules():
-        if isinstance(module, QuantizedModule):
+        if isinstance(module, QuantizedModule) and not module.sharded():
             for name, buffer in list(module.named_buffers(recurse=False)):
                 module._buffers[name] = distribute_tensor(buffer, mesh, [Shard(0)], src_data_rank=None)
 

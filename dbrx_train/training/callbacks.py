@@ -10,7 +10,7 @@ from composer.loggers import Logger
 from composer.utils import dist
 
 from dbrx_train.model.dbrx import LossOutput
-from dbrx_train.model.moe.expert_parallel import ExpertParallelExperts
+from dbrx_train.model.moe.expert_parallel import ExpertParallel
 
 
 class MoEMonitor(Callback):
@@ -67,8 +67,8 @@ class MoEMonitor(Callback):
         logger.log_metrics(metrics)
 
 
-def _expert_parallel(state: State) -> list[ExpertParallelExperts]:
-    return [m for m in state.model.modules() if isinstance(m, ExpertParallelExperts)]
+def _expert_parallel(state: State) -> list[ExpertParallel]:
+    return [m for m in state.model.modules() if isinstance(m, ExpertParallel)]
 
 
 def _expert_parallel_metrics(counts: torch.Tensor, traffic: torch.Tensor, ranks: int) -> dict[str, float]:

@@ -160,8 +160,6 @@ class TrainConfig:
         if self.fsdp_config is None or self.fsdp_config.sharding_strategy != 'FULL_SHARD':
             raise ConfigError(MOE_WORLD_SIZE_KEY, 'expert parallelism needs fsdp_config with sharding_strategy '
                                                   'FULL_SHARD')
-        if self.model.quantization is not None:
-            raise ConfigError(MOE_WORLD_SIZE_KEY, 'a quantized (QLoRA) base is not supported with expert parallelism')
 
     @functools.cached_property
     def schedule(self) -> Schedule | None:

@@ -15,7 +15,9 @@ The mesh, by layout (world = all ranks):
 `parallelize` applies, in this order (each step needs the ones before it):
 1. expert placement: each block's experts become `ExpertParallelExperts`, DTensors `Shard(0)` over
    `ep` (FSDP2 composes with them as with tensor parallelism: it shards them further over `dp`);
-   their LoRA adapters go with them, sharded by expert the same way;
+   their LoRA adapters go with them, sharded by expert the same way; a quantized (QLoRA) base's
+   experts become `ExpertParallelQuantizedExperts`, their stored tensors sharded by expert over `ep`
+   only (replicated over `dp`: `moe_world_size` = world, as for DBRX-132B on 8 ranks, shards them fully);
 2. activation checkpointing, per block (torch's composable `checkpoint`: the parameter names stay);
    before FSDP2, as torchtitan orders them, so FSDP2's hooks run around the recomputed forward;
 3. `compile_config`: torch.compile per block (`dbrx_train.model.compile`), the experts left eager;
@@ -48,7 +50,7 @@ from dbrx_train.model.init import local_part, local_region
 from dbrx_train.model.lora import initial_adapter_values
 from dbrx_train.model.moe import replace_experts
 from dbrx_train.model.moe.expert_parallel import ExpertParallelExperts
-from dbrx_train.model.quantize import shard_quantized
+from dbrx_train.model.quantize import ExpertParallelQuantizedExperts, QuantizedExperts, shard_quantized
 from dbrx_train.training.config import TrainConfig
 from dbrx_train.training.gradient_average import fix_gradient_average
 from dbrx_train.training.hardware import gpu_memory_bytes, host_memory_bytes
@@ -121,7 +123,8 @@ def parallelize(model: DbrxLM, cfg: TrainConfig, mesh: DeviceMesh, device: str =
 
     # 1. Expert placement.
     if expert_parallel:
-        replace_experts(model, lambda experts: ExpertParallelExperts(experts, mesh['ep']))
+        replace_experts(model, lambda experts: (ExpertParallelQuantizedExperts if isinstance(experts, QuantizedExperts)
+                                                else ExpertParallelExperts)(experts, mesh['ep']))
         log.info('expert parallelism: %s', mesh)
     # 2. Activation checkpointing.
     if fsdp is not None and fsdp.activation_checkpointing:

@@ -313,24 +313,27 @@ def qlora_rank_size(config: ModelConfig, layout: Layout, lora_rank: int) -> QLor
     layout.check(config)
     if config.quantization is None:
         raise ConfigError('quantization', 'QLoRA sizing needs a quantized model (int4 or int8)')
-    if config.ffn_config.moe_world_size > 1:
-        raise ConfigError(MOE_WORLD_SIZE_KEY, 'a quantized (QLoRA) base is not supported with expert parallelism')
     if lora_rank < 1:
         raise ConfigError('lora_rank', f'must be at least 1, got {lora_rank}')
     n, d, ffn = layout.shard_ranks, config.d_model, config.ffn_config
-    e, f = ffn.moe_num_experts, ffn.ffn_hidden_size
+    e, f, m = ffn.moe_num_experts, ffn.ffn_hidden_size, ffn.moe_world_size
     qkv = d + 2 * config.attn_config.kv_n_heads * config.head_dim
 
-    def stored(rows: int, in_features: int) -> int:  # rank 0's rows of a quantized matrix
-        return _shard(rows, quantized_row_bytes(in_features, config.quantization, config.quantization_group_size), n)
+    def stored(rows: int, in_features: int, ranks: int = n) -> int:  # rank 0's rows of a quantized matrix
+        row_bytes = quantized_row_bytes(in_features, config.quantization, config.quantization_group_size)
+        return _shard(rows, row_bytes, ranks)
 
-    experts = 2 * stored(e * f, d) + stored(e * d, f)  # w1, v1; w2 stored per expert transposed
+    # w1, v1; w2 stored per expert transposed. Under expert parallelism a rank stores its experts
+    # whole (replicated over the replicas) and trains their adapters, FSDP-sharded over the replicas.
+    experts = 2 * stored(e * f, d, m if m > 1 else n) + stored(e * d, f, m if m > 1 else n)
     per_layer = stored(qkv, d) + stored(d, d) + experts
     base_quantized = config.n_layers * per_layer + stored(config.vocab_size, d)
     base_float = 4 * (config.n_layers * (2 * _shard(d, 1, n) + _shard(e, d, n)) + _shard(config.vocab_size, d, n)
                       + _shard(d, 1, n))
     r = lora_rank
-    adapter_shapes = [(1, r * d), (1, qkv * r), (1, r * d), (1, d * r)] + 3 * [(e, r * d), (e, f * r)]
-    adapter_numel = config.n_layers * sum(_shard(dim0, rest, n) for dim0, rest in adapter_shapes)
-    gathered = n * experts  # every rank's rows of one layer's experts
+    expert_dim0, expert_ranks = (e // m, layout.world_size // m) if m > 1 else (e, n)
+    adapter_numel = config.n_layers * (
+        sum(_shard(dim0, rest, n) for dim0, rest in [(1, r * d), (1, qkv * r), (1, r * d), (1, d * r)])
+        + 3 * (_shard(expert_dim0, r * d, expert_ranks) + _shard(expert_dim0, f * r, expert_ranks)))
+    gathered = 0 if m > 1 else n * experts  # every rank's rows of one layer's experts (EP: its own, held)
     return QLoraSize(base_quantized, base_float, 4 * adapter_numel, adapter_numel, gathered)

@@ -17,7 +17,7 @@ from dbrx_train.model.config import AttentionConfig, FFNConfig, ModelConfig
 from dbrx_train.model.dbrx import DbrxLM
 from dbrx_train.model.init import local_part, local_region
 from dbrx_train.model.lora import LoraConfig, adapters, apply_lora
-from dbrx_train.model.quantize import quantize
+from dbrx_train.model.quantize import ExpertParallelQuantizedExperts, quantize
 from dbrx_train.training.finetune import load_initial_weights
 from dbrx_train.typed_config import load_yaml, parse
 from tests.spawn import run_ranks
@@ -36,8 +36,9 @@ def float_config() -> ModelConfig:
                        ffn_config=FFNConfig(ffn_hidden_size=32, moe_num_experts=4, moe_top_k=2, moe_loss_weight=0.0))
 
 
-def qlora_config() -> ModelConfig:
-    return replace(float_config(), quantization='int4', quantization_group_size=32)
+def qlora_config(moe_world_size: int = 1) -> ModelConfig:
+    config = replace(float_config(), quantization='int4', quantization_group_size=32)
+    return replace(config, ffn_config=replace(config.ffn_config, moe_world_size=moe_world_size))
 
 
 def batch(world: int, rank: int) -> torch.Tensor:
@@ -64,13 +65,14 @@ def step(model: DbrxLM, ids: torch.Tensor) -> tuple[float, dict[str, torch.Tenso
     return loss.item(), grads
 
 
-def qlora_rank(checkpoint: Path) -> dict:
+def qlora_rank(checkpoint: Path, moe_world_size: int) -> dict:
     """One rank: the QLoRA model built on meta, laid out by `parallelize` (FSDP2, activation
-    checkpointing), filled from the float `checkpoint`, one step on this rank's micro-batch."""
+    checkpointing, expert parallelism over `moe_world_size` ranks), filled from the float
+    `checkpoint`, one step on this rank's micro-batch."""
     from dbrx_train.training.config import FSDPConfig, layout_only
     from dbrx_train.training.parallelize import build_mesh, parallelize
 
-    model = DbrxLM(qlora_config(), device='meta')
+    model = DbrxLM(qlora_config(moe_world_size), device='meta')
     apply_lora(model, LORA)
     cfg = layout_only(model.config, init_device='meta', lora=LORA, fsdp_config=FSDPConfig(activation_checkpointing=True))
     parallelize(model, cfg, build_mesh(cfg, dist.get_world_size(), 'cpu'))
@@ -79,13 +81,17 @@ def qlora_rank(checkpoint: Path) -> dict:
     stored = {name: (local_region(t)[0], local_part(t).clone(), type(t).__name__)
               for name, t in model.named_buffers() if 'lora' not in name}
     loss, grads = step(model, batch(dist.get_world_size(), dist.get_rank()))
-    return {'loss': loss, 'grads': grads, 'stored': stored}
+    placed = all(isinstance(block.ffn.experts, ExpertParallelQuantizedExperts) for block in model.blocks)
+    return {'loss': loss, 'grads': grads, 'stored': stored, 'expert_parallel': placed}
 
 
-def test_qlora_on_two_fsdp_ranks_trains_as_one_process_from_a_float_init_from_quantized_per_shard(tmp_path):
+@pytest.mark.parametrize('moe_world_size', [1, 2], ids=['fsdp', 'expert-parallel'])
+def test_qlora_on_two_ranks_trains_as_one_process_from_a_float_init_from_quantized_per_shard(tmp_path, moe_world_size):
+    """FSDP2 shards the int4 base by rows; expert parallelism stores each rank's two experts whole
+    (and runs the rows routed to them) while FSDP2 shards the rest."""
     float_model = DbrxLM(float_config(), seed=0)
     checkpoint = save_checkpoint(float_model, tmp_path / 'float')
-    ranks = run_ranks(qlora_rank, 2, checkpoint)
+    ranks = run_ranks(qlora_rank, 2, checkpoint, moe_world_size)
 
     one = DbrxLM(qlora_config())  # one process: the whole model, filled from the same checkpoint
     apply_lora(one, LORA)
@@ -100,6 +106,7 @@ def test_qlora_on_two_fsdp_ranks_trains_as_one_process_from_a_float_init_from_qu
             assert torch.equal(tensor, in_memory[name]), name
     loss, grads = step(one, torch.cat([batch(2, 0), batch(2, 1)]))
 
+    assert all(rank['expert_parallel'] == (moe_world_size > 1) for rank in ranks)
     for rank in ranks:  # each rank quantized exactly its rows of the float checkpoint, and holds only them
         for name, (rows, local, kind) in rank['stored'].items():
             assert kind == 'DTensor' and len(local) < len(stored[name]), name
@@ -115,20 +122,19 @@ def test_qlora_on_two_fsdp_ranks_trains_as_one_process_from_a_float_init_from_qu
 def test_qlora_settings_are_checked_at_the_edge():
     from dbrx_train.training.config import TrainConfig
 
-    for overrides, message in [
-        (['lora=null'], 'model.quantization: a quantized base trains only frozen, under LoRA adapters'),
-        (['model.ffn_config.moe_world_size=2'], 'a quantized (QLoRA) base is not supported with expert parallelism'),
-    ]:
-        with pytest.raises(ConfigError) as error:
-            parse(TrainConfig, load_yaml(QLORA_YAML, overrides))
-        assert message in str(error.value), (overrides, str(error.value))
+    with pytest.raises(ConfigError, match='model.quantization: a quantized base trains only frozen, under LoRA adapters'):
+        parse(TrainConfig, load_yaml(QLORA_YAML, ['lora=null']))
     assert parse(TrainConfig, load_yaml(QLORA_YAML)).model.quantization == 'int4'
+    with_experts_parallel = parse(TrainConfig, load_yaml(QLORA_YAML, ['model.ffn_config.moe_world_size=2']))
+    assert with_experts_parallel.model.ffn_config.moe_world_size == 2
 
 
+@pytest.mark.parametrize('moe_world_size', [1, 2], ids=['fsdp', 'expert-parallel'])
 def test_a_qlora_run_on_two_ranks_exports_a_bf16_transformers_dir_that_greedy_decodes_as_this_framework(
-        hf_base, chats, tmp_path):
-    """A float transformers init_from, quantized as read on 2 FSDP ranks (built on meta, activation
-    checkpointing), trained; the export merges the adapters into the dequantized base, in bf16."""
+        hf_base, chats, tmp_path, moe_world_size):
+    """A float transformers init_from, quantized as read on 2 ranks (built on meta, activation
+    checkpointing; FSDP2, or the experts split over the ranks by expert parallelism), trained; the
+    export merges the adapters into the dequantized base, in bf16."""
     import torch.distributed.checkpoint as dcp
     import transformers
 
@@ -140,7 +146,8 @@ def test_a_qlora_run_on_two_ranks_exports_a_bf16_transformers_dir_that_greedy_de
     finetune(QLORA_YAML, tmp_path, processes=2, init_from=hf_base, eval_loader=None,
              **{'train_loader.dataset.local': chats, 'global_train_batch_size': 4, 'device_train_microbatch_size': 2,
                 'max_duration': '3ba', 'save_interval': '3ba', 'optimizer.lr': 1e-2, 'lora.r': 4, 'lora.alpha': 8,
-                'init_device': 'meta', 'fsdp_config.activation_checkpointing': True})
+                'init_device': 'meta', 'fsdp_config.activation_checkpointing': True,
+                'model.ffn_config.moe_world_size': moe_world_size})
     exported = export(tmp_path / 'checkpoints', tmp_path / 'hf', dtype='bfloat16')
     assert json.loads((exported / 'config.json').read_text())['torch_dtype'] == 'bfloat16'
 

@@ -100,27 +100,39 @@ def test_a_layout_that_cannot_fit_is_one_line_with_both_numbers_and_the_smallest
 
 
 @pytest.mark.parametrize('method', ['int4', 'int8'])
-@pytest.mark.parametrize('layout', [Layout(1), Layout(3), Layout(4, shard_group_size=2)])
-def test_qlora_sizing_equals_the_stored_tensors_of_a_qlora_model(method, layout):
+@pytest.mark.parametrize('layout,moe_world_size', [(Layout(1), 1), (Layout(3), 1), (Layout(4, shard_group_size=2), 1),
+                                                   (Layout(4), 2)])
+def test_qlora_sizing_equals_the_stored_tensors_of_a_qlora_model(method, layout, moe_world_size):
     import torch
 
     from dbrx_train.model.lora import LoraConfig, apply_lora
     from dbrx_train.model.quantize import store_scales_in
     from dbrx_train.training.sizing import qlora_rank_size
 
+    ffn_config = dataclasses.replace(TINY.ffn_config, ffn_hidden_size=32, moe_world_size=moe_world_size)
     config = dataclasses.replace(TINY, d_model=64, n_heads=4, quantization=method, quantization_group_size=32,
-                                 ffn_config=dataclasses.replace(TINY.ffn_config, ffn_hidden_size=32))
+                                 ffn_config=ffn_config)
     model = DbrxLM(config, device='meta')
     apply_lora(model, LoraConfig(r=3))
     store_scales_in(model, torch.bfloat16)  # as training keeps them
     ranks = layout.shard_group_size or layout.world_size
 
-    def rank0_bytes(tensors) -> int:
-        return sum(t.chunk(ranks)[0].nbytes for t in tensors)
+    def rank0_bytes(named) -> int:
+        """Rank 0's rows: of its experts under expert parallelism (their stored tensors whole, their
+        adapters FSDP-sharded over the replicas), FSDP's otherwise."""
+        total = 0
+        for name, t in named:
+            if moe_world_size > 1 and '.ffn.experts.' in name:
+                mine = t.chunk(moe_world_size)[0]
+                total += (mine if name in buffers else mine.chunk(layout.world_size // moe_world_size)[0]).nbytes
+            else:
+                total += t.chunk(ranks)[0].nbytes
+        return total
 
-    adapters = [p for p in model.parameters() if p.requires_grad]
-    frozen = [p for p in model.parameters() if not p.requires_grad]
-    stored = [b for name, b in model.named_buffers() if '.lora.' not in name]
+    buffers = dict(model.named_buffers())
+    adapters = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    frozen = [(n, p) for n, p in model.named_parameters() if not p.requires_grad]
+    stored = [(n, b) for n, b in buffers.items() if '.lora.' not in n]
     size = qlora_rank_size(config, layout, 3)
     assert size.base_quantized == rank0_bytes(stored)
     assert size.base_float == rank0_bytes(frozen)

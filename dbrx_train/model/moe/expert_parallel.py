@@ -14,6 +14,9 @@ with it, their tensors sharded the same way (`shard_expert_tensors`: every tenso
 module is laid out by expert along its first dimension), so each rank trains the adapters of the
 experts it owns and reading `self.w1` gives its experts' adapted weight.
 
+The exchange, the gradient scaling and the traffic count are `ExpertParallel`'s: the float experts
+here and the quantized ones of a QLoRA base (`model.quantize.ExpertParallelQuantizedExperts`) share it.
+
 Gradients: the rows of every rank of the group reach the local experts, so their weight gradient
 sums over the group's micro-batches; it is divided by the group size here, which makes it the
 group's mean, as data-parallel gradients are averaged over their ranks. Data parallelism over
@@ -36,32 +39,30 @@ from dbrx_train.model.moe.torch_dropless import ExpertFFN, combine, glu_ffn, run
 WEIGHTS = ('w1', 'v1', 'w2')
 
 
-class ExpertParallelExperts(GLUExperts):
-    def __init__(self, experts: GLUExperts, mesh: DeviceMesh):
-        """This rank's experts of `experts` (whose parameters every rank holds in full, with the same
-        values) over the 1-D expert-parallel `mesh`."""
-        if experts.num_experts % mesh.size():
-            raise ValueError(f'{experts.num_experts} experts cannot be split over {mesh.size()} ranks')
-        super().__init__(experts.d_model, experts.ffn_hidden_size, experts.num_experts, device='meta')
+class ExpertParallel:
+    """What the expert-parallel experts share (a mixin before an `Experts` class): the mesh, the
+    exchange of rows with the ranks owning their experts, and the count of that traffic."""
+
+    mesh: DeviceMesh
+    num_experts: int
+
+    @staticmethod
+    def check_split(num_experts: int, mesh: DeviceMesh) -> None:
+        if num_experts % mesh.size():
+            raise ValueError(f'{num_experts} experts cannot be split over {mesh.size()} ranks')
+
+    def _place_on(self, mesh: DeviceMesh) -> None:
         self.mesh = mesh
         self.traffic = torch.zeros(2, dtype=torch.int64)  # rows and bytes sent to other ranks, since take_traffic
-        for name in WEIGHTS:
-            adapted = parametrize.is_parametrized(experts, name)
-            full = experts.parametrizations[name].original if adapted else getattr(experts, name)
-            setattr(self, name, nn.Parameter(shard_by_expert(full, mesh), requires_grad=full.requires_grad))
-            for parametrization in experts.parametrizations[name] if adapted else ():
-                shard_expert_tensors(parametrization, mesh)
-                # unsafe: no trial forward (on a CPU-built model, a full-size temporary per weight).
-                parametrize.register_parametrization(self, name, parametrization, unsafe=True)
 
     @property
     def local_experts(self) -> int:
         return self.num_experts // self.mesh.size()
 
-    def forward(self, x: torch.Tensor, top_weights: torch.Tensor, top_experts: torch.Tensor) -> torch.Tensor:
-        # Read through the parametrizations (the adapted weight, under LoRA): this rank's experts.
-        weights = [_ScaleGrad.apply(_local(getattr(self, name)), 1.0 / self.mesh.size()) for name in WEIGHTS]
-        return self.dispatch(x, top_weights, top_experts, glu_ffn(*weights, self.local_experts))
+    def local_gradient(self, tensor: torch.Tensor) -> torch.Tensor:
+        """This rank's experts of `tensor` (a DTensor by expert, gathered by FSDP2, or a plain one),
+        its gradient scaled to the group's mean (see the module's docstring)."""
+        return _ScaleGrad.apply(_local(tensor), 1.0 / self.mesh.size())
 
     def dispatch(self, x: torch.Tensor, top_weights: torch.Tensor, top_experts: torch.Tensor,
                  local_ffn: ExpertFFN) -> torch.Tensor:
@@ -112,6 +113,28 @@ class ExpertParallelExperts(GLUExperts):
 
     def extra_repr(self) -> str:
         return f'{super().extra_repr()}, expert_parallel={self.mesh.size()} (local experts {self.local_experts})'
+
+
+class ExpertParallelExperts(ExpertParallel, GLUExperts):
+    def __init__(self, experts: GLUExperts, mesh: DeviceMesh):
+        """This rank's experts of `experts` (whose parameters every rank holds in full, with the same
+        values) over the 1-D expert-parallel `mesh`."""
+        self.check_split(experts.num_experts, mesh)
+        GLUExperts.__init__(self, experts.d_model, experts.ffn_hidden_size, experts.num_experts, device='meta')
+        self._place_on(mesh)
+        for name in WEIGHTS:
+            adapted = parametrize.is_parametrized(experts, name)
+            full = experts.parametrizations[name].original if adapted else getattr(experts, name)
+            setattr(self, name, nn.Parameter(shard_by_expert(full, mesh), requires_grad=full.requires_grad))
+            for parametrization in experts.parametrizations[name] if adapted else ():
+                shard_expert_tensors(parametrization, mesh)
+                # unsafe: no trial forward (on a CPU-built model, a full-size temporary per weight).
+                parametrize.register_parametrization(self, name, parametrization, unsafe=True)
+
+    def forward(self, x: torch.Tensor, top_weights: torch.Tensor, top_experts: torch.Tensor) -> torch.Tensor:
+        # Read through the parametrizations (the adapted weight, under LoRA): this rank's experts.
+        weights = [self.local_gradient(getattr(self, name)) for name in WEIGHTS]
+        return self.dispatch(x, top_weights, top_experts, glu_ffn(*weights, self.local_experts))
 
 
 def shard_by_expert(tensor: torch.Tensor, mesh: DeviceMesh) -> DTensor:
