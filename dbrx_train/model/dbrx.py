@@ -63,7 +63,7 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask: AttentionMask, kv_cache=None, layer_idx: int = 0):
         batch, seq, d_model = x.shape
-        qkv = self.Wqkv(x)
+        qkv = linear(self.Wqkv, x)
         if self.clip_qkv is not None:
             qkv = qkv.clamp(min=-self.clip_qkv, max=self.clip_qkv)
         q, k, v = qkv.split(self.split_sizes, dim=-1)
@@ -78,7 +78,7 @@ class Attention(nn.Module):
         k = k.repeat_interleave(self.n_heads // self.kv_n_heads, dim=1)
         v = v.repeat_interleave(self.n_heads // self.kv_n_heads, dim=1)
         y = mask.attend(q, k, v)
-        return self.out_proj(y.transpose(1, 2).reshape(batch, seq, d_model))
+        return linear(self.out_proj, y.transpose(1, 2).reshape(batch, seq, d_model))
 
 
 def packed_positions_and_mask(sequence_id: torch.Tensor) -> tuple[torch.Tensor, Documents]:
@@ -118,7 +118,7 @@ class MoE(nn.Module):
         if self.training and self.jitter_eps:
             # Jitter only what the router sees (as Megablocks does); the experts get the clean input.
             router_in = tokens * torch.empty_like(tokens).uniform_(1.0 - self.jitter_eps, 1.0 + self.jitter_eps)
-        logits = self.router(router_in).float()
+        logits = linear(self.router, router_in).float()
         probs = logits.softmax(dim=-1)
         top_weights, top_experts = probs.topk(self.top_k, dim=-1)
         if self.normalize_p is not None:
@@ -256,7 +256,7 @@ class DbrxLM(nn.Module):
         mask = Dense(key_mask)
         for block, cache in zip(self.blocks, layer_caches):
             x, _ = block(x, cos, sin, mask, cache, 0)
-        return self.lm_head(self.norm_f(x)[:, -1])
+        return linear(self.lm_head, self.norm_f(x)[:, -1], torch.float32)
 
     def forward(self, input_ids, attention_mask=None, kv_cache=None, labels=None, sequence_id=None):
         """Logits `(batch, seq, vocab)`; with `labels`, the training `LossOutput` instead (no logits
@@ -304,3 +304,17 @@ def _base_parameters(module: nn.Module):
     if parametrize.is_parametrized(module):
         for name, parametrization in module.parametrizations.items():
             yield name, parametrization.original
+
+
+
+def linear(layer: nn.Module, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """`layer(x)`. In a traced decoding step of one token with 16-bit float weights, the same products
+    summed in fp32 (returned in `dtype`, default x's), which inductor turns into one reduction over
+    the weight rows: it reads bf16 at the bandwidth of an fp32 matrix-vector product (38 GB/s here)
+    where oneDNN's bf16 one reaches 4-16 GB/s (bench/bench_inference.py)."""
+    weight = getattr(layer, 'weight', None)
+    if (torch.compiler.is_compiling() and isinstance(layer, nn.Linear) and x.shape[:-1].numel() == 1
+            and weight.dtype in (torch.bfloat16, torch.float16) and not torch.is_grad_enabled()):
+        products = weight * x.reshape(1, 1, -1)
+        return products.sum(-1, dtype=torch.float32).reshape(*x.shape[:-1], -1).to(dtype or x.dtype)
+    return layer(x)

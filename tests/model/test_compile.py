@@ -143,3 +143,27 @@ def test_a_step_that_fails_to_compile_decodes_eagerly():
     expected = model.generate(ids(1, 5), max_new_tokens=6, stop_token_ids=())
     assert torch.equal(model.generate(ids(1, 5), max_new_tokens=6, stop_token_ids=(),
                                       compile={'backend': broken_backend}), expected)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize('rows', [1, 2])
+def test_one_token_16_bit_projections_trace_as_reductions_with_the_layers_values(rows):
+    """In a traced step of one token with bf16 weights a projection is a multiply-and-sum (no matmul
+    in the graph: oneDNN's bf16 matrix-vector product is the slow part of decoding); otherwise the layer."""
+    from dbrx_train.model.dbrx import linear
+
+    layer = torch.nn.Linear(64, 48, bias=False).to(torch.bfloat16)
+    x = torch.randn(rows, 1, 64).to(torch.bfloat16)
+    traced = []
+
+    def backend(gm, example_inputs):
+        traced.append({str(node.target) for node in gm.graph.nodes if node.op == 'call_function'})
+        return gm.forward
+
+    out = torch.compile(lambda x: linear(layer, x), backend=backend, fullgraph=True)(x)
+    [targets] = traced
+    assert any('linear' in t for t in targets) == (rows > 1), targets
+    assert out.dtype == torch.bfloat16 and out.shape == (rows, 1, 48)
+    torch.testing.assert_close(out.float(), torch.nn.functional.linear(x.float(), layer.weight.float()),
+                               rtol=1e-2, atol=1e-2)
+    assert torch.equal(linear(layer, x), layer(x))  # outside a trace: the layer itself
