@@ -48,6 +48,19 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return (x.float() * cos + rotated * sin).to(x.dtype)
 
 
+def linear(layer: nn.Module, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """`layer(x)`. In a traced decoding step of one token with 16-bit float weights, the same products
+    summed in fp32 (returned in `dtype`, default x's), which inductor turns into one reduction over
+    the weight rows: it reads bf16 at the bandwidth of an fp32 matrix-vector product (38 GB/s here)
+    where oneDNN's bf16 one reaches 4-16 GB/s (bench/bench_inference.py)."""
+    weight = getattr(layer, 'weight', None)
+    if (torch.compiler.is_compiling() and isinstance(layer, nn.Linear) and x.shape[:-1].numel() == 1
+            and weight.dtype in (torch.bfloat16, torch.float16) and not torch.is_grad_enabled()):
+        products = weight * x.reshape(1, 1, -1)
+        return products.sum(-1, dtype=torch.float32).reshape(*x.shape[:-1], -1).to(dtype or x.dtype)
+    return layer(x)
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, device=None):
         super().__init__()
@@ -304,17 +317,3 @@ def _base_parameters(module: nn.Module):
     if parametrize.is_parametrized(module):
         for name, parametrization in module.parametrizations.items():
             yield name, parametrization.original
-
-
-
-def linear(layer: nn.Module, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """`layer(x)`. In a traced decoding step of one token with 16-bit float weights, the same products
-    summed in fp32 (returned in `dtype`, default x's), which inductor turns into one reduction over
-    the weight rows: it reads bf16 at the bandwidth of an fp32 matrix-vector product (38 GB/s here)
-    where oneDNN's bf16 one reaches 4-16 GB/s (bench/bench_inference.py)."""
-    weight = getattr(layer, 'weight', None)
-    if (torch.compiler.is_compiling() and isinstance(layer, nn.Linear) and x.shape[:-1].numel() == 1
-            and weight.dtype in (torch.bfloat16, torch.float16) and not torch.is_grad_enabled()):
-        products = weight * x.reshape(1, 1, -1)
-        return products.sum(-1, dtype=torch.float32).reshape(*x.shape[:-1], -1).to(dtype or x.dtype)
-    return layer(x)
