@@ -10,8 +10,8 @@ venv: $(STAMP)
 
 $(STAMP): pyproject.toml requirements/constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c requirements/constraints.txt -e '.[dev]'
+	$(PY) -m pip install -q --no-cache-dir --upgrade pip
+	$(PY) -m pip install -q --no-cache-dir -c requirements/constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
 test: $(STAMP)
