@@ -126,6 +126,22 @@ def _no_stale_shared_memory():
 
 
 @pytest.fixture(autouse=True, scope='session')
+def _open_files_up_to_the_hard_limit():
+    """A machine whose soft open-files limit is below its hard one (1024 is a common soft limit) gets
+    the hard one for the session: the suite's processes hold many descriptors at once (Streaming's
+    shared memory, gloo, servers), and a descriptor leak is what tests/data/test_shared_memory.py
+    checks, not something every later test should fail on."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):  # a hard limit above the kernel's nr_open: keep the soft one
+            pass
+
+
+@pytest.fixture(autouse=True, scope='session')
 def _one_torch_thread():
     """Tiny test models gain nothing from intra-op threads, and the suite shares 2 cores."""
     import torch
