@@ -134,6 +134,13 @@ def all_to_all_bytes(config: ModelConfig, tokens: int, micro_batches: int = 1, d
                                                                                               combine_bytes)
 
 
+def _expert_fsdp_ranks(config: ModelConfig, layout: Layout) -> int:
+    """The ranks FSDP2 shards a rank's expert tensors over: the replicas of its expert-parallel group,
+    or, without expert parallelism, the ranks every parameter is sharded over."""
+    m = config.ffn_config.moe_world_size
+    return layout.world_size // m if m > 1 else layout.shard_ranks
+
+
 def _rank_shards(config: ModelConfig, layout: Layout) -> tuple[int, int, int, int]:
     """Rank 0's elements of one layer's three expert weights and of one block's other parameters,
     of the root module's, and the ranks the experts are sharded over (FSDP)."""
@@ -142,7 +149,7 @@ def _rank_shards(config: ModelConfig, layout: Layout) -> tuple[int, int, int, in
     block, (expert,), root = _shapes(config)
     n = layout.shard_ranks
     expert_rows = expert[0] // m  # this rank's experts, then FSDP over its replicas
-    expert_ranks = layout.world_size // m if m > 1 else n
+    expert_ranks = _expert_fsdp_ranks(config, layout)
     expert_shard = 3 * _shard(expert_rows, expert[1], expert_ranks)
     block_shard = sum(_shard(dim0, rest, n) for dim0, rest in block)
     root_shard = sum(_shard(dim0, rest, n) for dim0, rest in root)
@@ -325,15 +332,16 @@ def qlora_rank_size(config: ModelConfig, layout: Layout, lora_rank: int) -> QLor
 
     # w1, v1; w2 stored per expert transposed. Under expert parallelism a rank stores its experts
     # whole (replicated over the replicas) and trains their adapters, FSDP-sharded over the replicas.
-    experts = 2 * stored(e * f, d, m if m > 1 else n) + stored(e * d, f, m if m > 1 else n)
+    store_ranks = m if m > 1 else n
+    experts = 2 * stored(e * f, d, store_ranks) + stored(e * d, f, store_ranks)
     per_layer = stored(qkv, d) + stored(d, d) + experts
     base_quantized = config.n_layers * per_layer + stored(config.vocab_size, d)
     base_float = 4 * (config.n_layers * (2 * _shard(d, 1, n) + _shard(e, d, n)) + _shard(config.vocab_size, d, n)
                       + _shard(d, 1, n))
     r = lora_rank
-    expert_dim0, expert_ranks = (e // m, layout.world_size // m) if m > 1 else (e, n)
+    expert_ranks = _expert_fsdp_ranks(config, layout)
     adapter_numel = config.n_layers * (
         sum(_shard(dim0, rest, n) for dim0, rest in [(1, r * d), (1, qkv * r), (1, r * d), (1, d * r)])
-        + 3 * (_shard(expert_dim0, r * d, expert_ranks) + _shard(expert_dim0, f * r, expert_ranks)))
+        + 3 * (_shard(e // m, r * d, expert_ranks) + _shard(e // m, f * r, expert_ranks)))
     gathered = 0 if m > 1 else n * experts  # every rank's rows of one layer's experts (EP: its own, held)
     return QLoraSize(base_quantized, base_float, 4 * adapter_numel, adapter_numel, gathered)
