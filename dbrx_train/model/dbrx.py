@@ -53,10 +53,9 @@ def linear(layer: nn.Module, x: torch.Tensor, dtype: torch.dtype | None = None) 
     summed in fp32 (returned in `dtype`, default x's), which inductor turns into one reduction over
     the weight rows: it reads bf16 at the bandwidth of an fp32 matrix-vector product (38 GB/s here)
     where oneDNN's bf16 one reaches 4-16 GB/s (bench/bench_inference.py)."""
-    weight = getattr(layer, 'weight', None)
     if (torch.compiler.is_compiling() and isinstance(layer, nn.Linear) and x.shape[:-1].numel() == 1
-            and weight.dtype in (torch.bfloat16, torch.float16) and not torch.is_grad_enabled()):
-        products = weight * x.reshape(1, 1, -1)
+            and layer.weight.dtype in (torch.bfloat16, torch.float16) and not torch.is_grad_enabled()):
+        products = layer.weight * x.reshape(1, 1, -1)
         return products.sum(-1, dtype=torch.float32).reshape(*x.shape[:-1], -1).to(dtype or x.dtype)
     return layer(x)
 
