@@ -1,5 +1,6 @@
 """QLoRA through the trainer's pieces: the int4 base sharded over 2 FSDP2 ranks trains as one process,
-a float init_from is quantized shard by shard, and a run exports to a bf16 transformers directory."""
+a float init_from is quantized shard by shard, a run resumes exactly, and a run exports to a bf16
+transformers directory."""
 
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ from dbrx_train.model.quantize import ExpertParallelQuantizedExperts, quantize
 from dbrx_train.training.finetune import load_initial_weights
 from dbrx_train.typed_config import load_yaml, parse
 from tests.spawn import run_ranks
-from tests.training.conftest import REPO
+from tests.training.conftest import REPO, losses
+from tests.training.test_autoresume import line_count, logged_since
 from tests.training.test_finetune import chats, finetune, hf_base  # noqa: F401 (fixtures)
 
 VOCAB, SEQ, MICRO_BATCH = 64, 16, 2
@@ -173,3 +175,26 @@ def test_a_qlora_run_on_two_ranks_exports_a_bf16_transformers_dir_that_greedy_de
         torch.testing.assert_close(theirs(ids).logits, expected, atol=0.01 * expected.abs().max().item(), rtol=0)
     greedy = theirs.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0)[0, 8:].tolist()
     assert ours.generate(ids, max_new_tokens=12)[0, 8:].tolist() == greedy
+
+
+def test_a_qlora_run_with_expert_parallelism_resumes_with_the_losses_of_an_uninterrupted_run(hf_base, chats, tmp_path):
+    """2 ranks, the experts split over them: the int4 base (re-quantized from init_from at each start), the
+    adapters and AdamW's moments, sharded by expert and by FSDP2, come back from the checkpoint as saved.
+    `t_max` fixes the cosine schedule's length, which would otherwise follow each launch's max_duration."""
+    settings = {'train_loader.dataset.local': chats, 'global_train_batch_size': 4, 'device_train_microbatch_size': 2,
+                'save_interval': '2ba', 'optimizer.lr': 1e-2, 'scheduler.t_warmup': '0ba', 'scheduler.t_max': '4ba',
+                'lora.r': 4, 'lora.alpha': 8, 'init_device': 'meta', 'model.ffn_config.moe_world_size': 2}
+    finetune(QLORA_YAML, tmp_path / 'straight', processes=2, init_from=hf_base, eval_loader=None, max_duration='4ba',
+             **settings)
+    split = tmp_path / 'split'
+    finetune(QLORA_YAML, split, processes=2, init_from=hf_base, eval_loader=None, max_duration='2ba', **settings)
+    before = line_count(split / 'metrics.jsonl')
+    finetune(QLORA_YAML, split, processes=2, init_from=hf_base, eval_loader=None, max_duration='4ba',
+             **settings)  # the YAML's autoresume: from ep0-ba2
+
+    assert sorted(logged_since(split / 'metrics.jsonl', before)) == [2, 3]  # resumed, not restarted
+    expected, resumed = losses(tmp_path / 'straight' / 'metrics.jsonl'), losses(split / 'metrics.jsonl')
+    assert sorted(expected) == sorted(resumed) == [0, 1, 2, 3]
+    assert expected[3] != pytest.approx(expected[1], abs=1e-3)  # the adapters move the loss
+    for step in expected:
+        assert resumed[step] == pytest.approx(expected[step], abs=1e-6), step
