@@ -4,7 +4,8 @@ step that lays a `DbrxLM` out over it. Composer receives the model already paral
 The mesh, by layout (world = all ranks):
 - FULL_SHARD: `('dp',)`, every rank.
 - HYBRID_SHARD: `('dp_replicate', 'dp_shard')`: shard within groups of `shard_group_size` ranks,
-  replicate across them.
+  replicate across them (FSDP2's HSDP; on gloo, which cannot average in an all-reduce, FSDP2 over
+  `dp_shard` and the replicas' average in `training.gradient_average`).
 - expert parallelism (`moe_world_size` M > 1, FULL_SHARD): `('dp', 'ep')` = (world / M, M). Ranks
   `r = replica * M + i` form one expert-parallel group per replica (consecutive ranks: on GPUs the
   all-to-all stays inside a node); rank `i` of a group owns experts `[i * E / M, (i + 1) * E / M)`.
@@ -29,7 +30,7 @@ The mesh, by layout (world = all ranks):
 5. materialisation: a model built on `meta` becomes empty local shards on the device (`to_empty`)
    and every rank initialises its own shards (`DbrxLM.init_weights`: the values do not depend on
    the layout, see `dbrx_train.model.init`); LoRA adapters get their initial values;
-6. the gradient average on gloo (`training.gradient_average`).
+6. the gradient average on gloo (`training.gradient_average`), HYBRID_SHARD's replicas' included.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ from dbrx_train.model.moe import replace_experts
 from dbrx_train.model.moe.expert_parallel import ExpertParallelExperts
 from dbrx_train.model.quantize import ExpertParallelQuantizedExperts, QuantizedExperts, shard_quantized
 from dbrx_train.training.config import TrainConfig
-from dbrx_train.training.gradient_average import fix_gradient_average
+from dbrx_train.training.gradient_average import all_reduce_averages, fix_gradient_average
 from dbrx_train.training.hardware import gpu_memory_bytes, host_memory_bytes
 from dbrx_train.training.sizing import Layout, Placement, check_fits, check_moe_world_size, optimizer_state_bytes
 
@@ -135,11 +136,14 @@ def parallelize(model: DbrxLM, cfg: TrainConfig, mesh: DeviceMesh, device: str =
         log.info('compiling each transformer block: %s', cfg.compile_config.kwargs())
         compile_blocks(model, cfg.compile_config)
     # 4. FSDP2.
+    replicas = None  # HYBRID_SHARD's replica group, where gradient_average (not FSDP2) averages over it
     if uses_fsdp(cfg, mesh.size()):
         mp_policy = create_mixed_precision_policy(Precision(cfg.precision), fsdp.mixed_precision)
         data_mesh = mesh._flatten('dp_ep') if expert_parallel else mesh
         options = dict(reshard_after_forward=fsdp.reshard_after_forward, mp_policy=mp_policy or MixedPrecisionPolicy())
         hybrid = fsdp.sharding_strategy == 'HYBRID_SHARD'
+        if hybrid and not all_reduce_averages(mesh.get_group('dp_replicate'), mesh.device_type):
+            data_mesh, replicas = mesh['dp_shard'], mesh.get_group('dp_replicate')
         shard_quantized(model, mesh['dp_shard'] if hybrid else data_mesh)
         for block in model.blocks:
             if expert_parallel:
@@ -157,5 +161,5 @@ def parallelize(model: DbrxLM, cfg: TrainConfig, mesh: DeviceMesh, device: str =
                 for tensor, value in initial_adapter_values(model, cfg.lora.seed):
                     local_part(tensor).copy_(value[local_region(tensor)])
     # 6. FSDP2's gradient mean on gloo.
-    fix_gradient_average(model)
+    fix_gradient_average(model, replicas)
     return model

@@ -261,6 +261,24 @@ def test_one_process_resumes_two_ranks_and_two_ranks_resume_one_process(tiny_cor
     assert_same_losses(resumed, reference)
 
 
+def test_hybrid_shard_replicas_on_gloo_train_and_resume_with_the_losses_of_one_process(tiny_corpus, reference,
+                                                                                       tmp_path):
+    """HYBRID_SHARD in groups of one rank: 2 replicas, each holding the whole model; gloo cannot average
+    in an all-reduce, so `training.gradient_average` averages the replicas' gradients instead."""
+    args = tiny_overrides(tiny_corpus, tmp_path, python_log_level='info',
+                          **{'fsdp_config.sharding_strategy': 'HYBRID_SHARD', 'fsdp_config.shard_group_size': 1})
+    metrics = tmp_path / 'metrics.jsonl'
+    kill_when_paused(args, 'committed@4', tmp_path, processes=2)
+    assert sorted(losses(metrics)) == [0, 1, 2, 3]
+    assert_same_losses(losses(metrics), reference)
+    before = line_count(metrics)
+    output = run(args, processes=2, log_dir=tmp_path)
+    assert 'autoresume: resuming from ' in output
+    resumed = logged_since(metrics, before)
+    assert sorted(resumed) == [4, 5]
+    assert_same_losses(resumed, reference)
+
+
 def kill_at_random(args: list[str], run_dir: Path, rng: random.Random, metrics: Path, processes: int) -> None:
     """Runs until a random moment (seeded): while it starts, or some way into a random step's
     training, checkpoint write or rename; then SIGKILLs the launcher alone, as an OOM killer or a

@@ -1,8 +1,8 @@
 """`parallelize` on 2 and 4 gloo ranks: a model built on `meta` gets exactly the weights one process
 draws with the same seed, whatever the layout (FSDP, expert parallelism, LoRA, freezing, activation
-checkpointing); expert parallelism under FSDP2 trains exactly as one process accumulating the same
-micro-batches, with or without LoRA, and each rank holds its share of the expert weights (and of
-their adapters)."""
+checkpointing); expert parallelism under FSDP2, and HYBRID_SHARD's replicas, train exactly as one
+process accumulating the same micro-batches, with or without LoRA, and each rank holds its share of
+the expert weights (and of their adapters)."""
 
 from __future__ import annotations
 
@@ -15,12 +15,14 @@ import torch.distributed as dist
 
 from dbrx_train.model.config import AttentionConfig, FFNConfig, ModelConfig
 from dbrx_train.model.dbrx import DbrxLM
+from dbrx_train.model.init import local_part
 
 from tests.spawn import SpawnedOnce
 
 STEPS, MICRO_BATCH, SEQ, VOCAB, EXPERTS = 3, 2, 16, 64, 8
 CLIP = 0.5  # below the gradient norms of these steps: clipping scales every step
-CASES = {2: [(2, 1), (2, 4)], 4: [(2, 4), (4, 1)]}  # world size: (moe_world_size, top_k)
+# world size: (moe_world_size, top_k, shard_group_size); a shard group size: HYBRID_SHARD, 2 replicas here
+CASES = {2: [(2, 1, None), (2, 4, None)], 4: [(2, 4, None), (4, 1, None), (1, 2, 2)]}
 RESHARDED = (4, 2)  # (world, moe_world_size) whose trained model is saved and loaded with 1, 4 and no process group
 EXPERT_WEIGHTS = ('w1', 'v1', 'w2')
 INIT_CASES = {'fsdp': 1, 'ep': 2, 'lora': 1, 'lora_ep': 2, 'freeze_ep': 2}  # layout: moe_world_size
@@ -120,18 +122,22 @@ def init_from(top_k: int, workdir: Path, probe: torch.Tensor) -> dict:
     return {'loaded': model(probe).detach(), 'saved': source(probe).detach()}
 
 
-def train_on_rank(moe_world_size: int, top_k: int, workdir: Path) -> dict:
+def train_on_rank(moe_world_size: int, top_k: int, shard_group_size: int | None, workdir: Path) -> dict:
+    from dbrx_train.training.config import FSDPConfig
     from dbrx_train.training.gradient_clipping import clip_grad_norm_
 
     rank, world = dist.get_rank(), dist.get_world_size()
     model = tiny(top_k, device='meta')  # initialised by parallelize: the weights of tiny(top_k)
-    opt = sharded(model, moe_world_size, optimizer)
+    hybrid = {} if shard_group_size is None else {
+        'fsdp_config': FSDPConfig(sharding_strategy='HYBRID_SHARD', shard_group_size=shard_group_size)}
+    opt = sharded(model, moe_world_size, optimizer, **hybrid)
 
     experts = model.blocks[0].ffn.experts
-    stored = sum(getattr(experts, n).to_local().numel() for n in EXPERT_WEIGHTS)
-    experts.unshard()  # what a forward pass gathers: this rank's whole experts
-    gathered = sum(getattr(experts, n).to_local().numel() for n in EXPERT_WEIGHTS)
-    experts.reshard()
+    stored = sum(local_part(getattr(experts, n)).numel() for n in EXPERT_WEIGHTS)
+    unit = experts if moe_world_size > 1 else model.blocks[0]  # FSDP2's unit of the experts' weights
+    unit.unshard()  # what a forward pass gathers: this rank's whole experts
+    gathered = sum(local_part(getattr(experts, n)).numel() for n in EXPERT_WEIGHTS)
+    unit.reshard()
     trace = {'loss': [], 'aux': [], 'params': [], 'norm': [], 'stored': stored, 'gathered': gathered,
              'total': sum(getattr(experts, n).numel() for n in EXPERT_WEIGHTS)}
     data = batches(world)
@@ -147,6 +153,12 @@ def train_on_rank(moe_world_size: int, top_k: int, workdir: Path) -> dict:
         trace['params'].append({n: p.full_tensor().detach() for n, p in model.named_parameters()})
     if (world, moe_world_size) == RESHARDED:
         trace['logits'] = reshard(model, top_k, workdir)
+    if shard_group_size is not None:  # the replicas write one copy of each shard
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        dcp.save(get_model_state_dict(model), checkpoint_id=workdir / 'hybrid-checkpoint')
+        trace['logits'] = model(batches(1)[0, 0]).detach()
     return trace
 
 
@@ -296,9 +308,11 @@ def test_every_layout_initialises_exactly_the_weights_of_one_process(spawned, wo
             torch.testing.assert_close(grad, expected[name].grad, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize('world,moe_world_size,top_k', [(w, *case) for w, cases in CASES.items() for case in cases])
-def test_expert_parallel_training_matches_one_process(spawned, world, moe_world_size, top_k):
-    ranks = [cases[moe_world_size, top_k] for cases in spawned(world)]
+@pytest.mark.parametrize('world,moe_world_size,top_k,shard_group_size',
+                         [(w, *case) for w, cases in CASES.items() for case in cases])
+def test_expert_parallel_and_hybrid_training_match_one_process(spawned, world, moe_world_size, top_k,
+                                                                shard_group_size):
+    ranks = [cases[moe_world_size, top_k, shard_group_size] for cases in spawned(world)]
     reference = one_process(world, top_k)
     for step in range(STEPS):
         for rank, trace in enumerate(ranks):
@@ -311,8 +325,9 @@ def test_expert_parallel_training_matches_one_process(spawned, world, moe_world_
         for name, value in ranks[0]['params'][step].items():
             torch.testing.assert_close(value, expected[name], rtol=1e-5, atol=1e-5, msg=lambda m: f'{step} {name}: {m}')
     for trace in ranks:
-        # Stored: sharded over all ranks; gathered for the forward pass: 1/moe_world_size, whole experts.
-        assert trace['stored'] * world == trace['total']
+        # Stored: sharded over all ranks (a shard group's, with HYBRID_SHARD); gathered for the forward
+        # pass: 1/moe_world_size, whole experts.
+        assert trace['stored'] * (shard_group_size or world) == trace['total']
         assert trace['gathered'] * moe_world_size == trace['total']
 
 
@@ -362,8 +377,8 @@ def test_a_checkpoint_saved_with_expert_parallelism_loads_with_any_degree_and_wi
     import torch.distributed.checkpoint as dcp
 
     world, moe_world_size = RESHARDED
-    [top_k] = [k for ep, k in CASES[world] if ep == moe_world_size]
-    logits = spawned(world)[0][moe_world_size, top_k]['logits']
+    [top_k] = [k for ep, k, _ in CASES[world] if ep == moe_world_size]
+    logits = spawned(world)[0][moe_world_size, top_k, None]['logits']
     plain = tiny(top_k, seed=1)
     state = plain.state_dict()
     dcp.load(state, checkpoint_id=workdir / 'checkpoint')
@@ -373,6 +388,18 @@ def test_a_checkpoint_saved_with_expert_parallelism_loads_with_any_degree_and_wi
         torch.testing.assert_close(logits[copy], logits['saved'], rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(plain(batches(1)[0, 0]), logits['saved'], rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(logits['init_from']['loaded'], logits['init_from']['saved'], rtol=1e-6, atol=1e-6)
+
+
+def test_a_hybrid_shard_checkpoint_loads_in_one_process(spawned, workdir):
+    import torch.distributed.checkpoint as dcp
+
+    [(world, case)] = [(w, case) for w, cases in CASES.items() for case in cases if case[2] is not None]
+    logits = spawned(world)[0][case]['logits']
+    plain = tiny(case[1], seed=1)
+    state = plain.state_dict()
+    dcp.load(state, checkpoint_id=workdir / 'hybrid-checkpoint')
+    plain.load_state_dict(state)
+    torch.testing.assert_close(plain(batches(1)[0, 0]), logits, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize('moe_world_size,world_size,words', [

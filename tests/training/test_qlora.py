@@ -67,16 +67,18 @@ def step(model: DbrxLM, ids: torch.Tensor) -> tuple[float, dict[str, torch.Tenso
     return loss.item(), grads
 
 
-def qlora_rank(checkpoint: Path, moe_world_size: int) -> dict:
+def qlora_rank(checkpoint: Path, moe_world_size: int, shard_group_size: int | None) -> dict:
     """One rank: the QLoRA model built on meta, laid out by `parallelize` (FSDP2, activation
-    checkpointing, expert parallelism over `moe_world_size` ranks), filled from the float
-    `checkpoint`, one step on this rank's micro-batch."""
+    checkpointing, expert parallelism over `moe_world_size` ranks, HYBRID_SHARD in groups of
+    `shard_group_size` ranks), filled from the float `checkpoint`, one step on this rank's micro-batch."""
     from dbrx_train.training.config import FSDPConfig, layout_only
     from dbrx_train.training.parallelize import build_mesh, parallelize
 
     model = DbrxLM(qlora_config(moe_world_size), device='meta')
     apply_lora(model, LORA)
-    cfg = layout_only(model.config, init_device='meta', lora=LORA, fsdp_config=FSDPConfig(activation_checkpointing=True))
+    strategy = 'FULL_SHARD' if shard_group_size is None else 'HYBRID_SHARD'
+    fsdp = FSDPConfig(sharding_strategy=strategy, shard_group_size=shard_group_size, activation_checkpointing=True)
+    cfg = layout_only(model.config, init_device='meta', lora=LORA, fsdp_config=fsdp)
     parallelize(model, cfg, build_mesh(cfg, dist.get_world_size(), 'cpu'))
     load_initial_weights(model, checkpoint)
     set_nonzero_b(model)
@@ -87,13 +89,16 @@ def qlora_rank(checkpoint: Path, moe_world_size: int) -> dict:
     return {'loss': loss, 'grads': grads, 'stored': stored, 'expert_parallel': placed}
 
 
-@pytest.mark.parametrize('moe_world_size', [1, 2], ids=['fsdp', 'expert-parallel'])
-def test_qlora_on_two_ranks_trains_as_one_process_from_a_float_init_from_quantized_per_shard(tmp_path, moe_world_size):
+@pytest.mark.parametrize('moe_world_size, shard_group_size', [(1, None), (2, None), (1, 1)],
+                         ids=['fsdp', 'expert-parallel', 'hybrid-replicas'])
+def test_qlora_on_two_ranks_trains_as_one_process_from_a_float_init_from_quantized_per_shard(
+        tmp_path, moe_world_size, shard_group_size):
     """FSDP2 shards the int4 base by rows; expert parallelism stores each rank's two experts whole
-    (and runs the rows routed to them) while FSDP2 shards the rest."""
+    (and runs the rows routed to them) while FSDP2 shards the rest; HYBRID_SHARD in groups of one
+    rank keeps a whole replica on each rank and averages the adapters' gradients across them."""
     float_model = DbrxLM(float_config(), seed=0)
     checkpoint = save_checkpoint(float_model, tmp_path / 'float')
-    ranks = run_ranks(qlora_rank, 2, checkpoint, moe_world_size)
+    ranks = run_ranks(qlora_rank, 2, checkpoint, moe_world_size, shard_group_size)
 
     one = DbrxLM(qlora_config())  # one process: the whole model, filled from the same checkpoint
     apply_lora(one, LORA)
@@ -111,7 +116,8 @@ def test_qlora_on_two_ranks_trains_as_one_process_from_a_float_init_from_quantiz
     assert all(rank['expert_parallel'] == (moe_world_size > 1) for rank in ranks)
     for rank in ranks:  # each rank quantized exactly its rows of the float checkpoint, and holds only them
         for name, (rows, local, kind) in rank['stored'].items():
-            assert kind == 'DTensor' and len(local) < len(stored[name]), name
+            assert kind == 'DTensor', name
+            assert len(local) == len(stored[name]) if shard_group_size == 1 else len(local) < len(stored[name]), name
             assert torch.equal(local, stored[name][rows]), name
     assert sum(r['loss'] for r in ranks) / 2 == pytest.approx(loss, rel=1e-5)
     assert set(ranks[0]['grads']) == set(grads) and len(grads) == 2 * 2 * 5
