@@ -107,7 +107,8 @@ def test_full_finetune_from_a_converted_transformers_model_reproduces_the_answer
 def test_lora_with_expert_parallelism_starts_from_the_transformers_dir_and_export_merges_the_adapters(hf_base, chats,
                                                                                                      tmp_path):
     """2 ranks, moe_world_size 2 (each owns half the experts and their adapters; the rest is sharded by
-    FSDP2), built on meta. LoRA under FSDP2 alone: tests/training/test_parallelize.py."""
+    FSDP2), built on meta; `hf_checkpointer` writes during the run what the export writes after it.
+    LoRA under FSDP2 alone: tests/training/test_parallelize.py."""
     import torch.distributed.checkpoint as dcp
     from safetensors.torch import load_file
 
@@ -125,10 +126,13 @@ def test_lora_with_expert_parallelism_starts_from_the_transformers_dir_and_expor
                                   'lora.targets': f'[{",".join(lora.targets)}]', 'lora.layers': '[1]',
                                   # Built on meta: each rank materialises its shards, then reads them.
                                   'init_device': 'meta', 'fsdp_config.activation_checkpointing': True,
-                                  'model.ffn_config.moe_world_size': 2})
+                                  'model.ffn_config.moe_world_size': 2, 'callbacks.hf_checkpointer':
+                                  f'{{save_folder: {tmp_path / "during"}, save_interval: 3ba}}'})
 
     exported = export(tmp_path / 'checkpoints', tmp_path / 'hf')
     base, merged = load_file(hf_base / 'model.safetensors'), load_file(exported / 'model.safetensors')
+    during = load_file(tmp_path / 'during' / 'huggingface' / 'ba3' / 'model.safetensors')
+    assert during.keys() == merged.keys() and all(torch.equal(during[name], merged[name]) for name in merged)
     adapted = {hf_names(2)[f'blocks.1.{name}'] for name in ('attn.Wqkv.weight', 'ffn.experts.w1', 'ffn.experts.v1',
                                                             'ffn.experts.w2')}
     assert sorted(merged) == sorted(base)
