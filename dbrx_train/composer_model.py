@@ -7,6 +7,7 @@ import functools
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from composer.metrics.nlp import LanguageCrossEntropy, LanguagePerplexity
 from composer.models import ComposerModel
 from torchmetrics import Metric
@@ -33,18 +34,25 @@ class ComposerDbrx(ComposerModel):
     """Trains on `model.loss` (fused LM-head cross-entropy + load balancing), evaluates on logits, and
     answers llm-foundry's ICL batches (`mode` 'icl_task': logits; 'generate': decoded continuations)."""
 
-    def __init__(self, model: ModelConfig | DbrxLM, device: str | None = None, seed: int | None = None):
+    def __init__(self, model: ModelConfig | DbrxLM, device: str | None = None, seed: int | None = None,
+                 cpu_autocast: bool = False):
         """`model`: the config of a fresh model (built on `device`, initialised from `seed`), or a
-        built one (e.g. loaded)."""
+        built one (e.g. loaded). `cpu_autocast`: forward passes under bf16 autocast on the CPU, which
+        Composer's Trainer does not set up (see `composer_precision`)."""
         super().__init__()
         self.model = model if isinstance(model, DbrxLM) else DbrxLM(model, device=device, seed=seed)
+        self.cpu_autocast = cpu_autocast
         self.eval_metrics = {'LanguageCrossEntropy': LanguageCrossEntropy(ignore_index=IGNORE_INDEX),
                              'LanguagePerplexity': LanguagePerplexity(ignore_index=IGNORE_INDEX), **icl_metrics()}
 
+    def _autocast(self):
+        return torch.autocast('cpu', dtype=torch.bfloat16, enabled=self.cpu_autocast)
+
     def forward(self, batch):
         labels = batch.get('labels', batch['input_ids'])
-        return self.model(batch['input_ids'], batch.get('attention_mask'), labels=labels,
-                          sequence_id=batch.get('sequence_id'))
+        with self._autocast():
+            return self.model(batch['input_ids'], batch.get('attention_mask'), labels=labels,
+                              sequence_id=batch.get('sequence_id'))
 
     def loss(self, outputs, batch):
         # Composer backpropagates 'total' and logs every entry as loss/train/<key>.
@@ -54,6 +62,10 @@ class ComposerDbrx(ComposerModel):
         return losses
 
     def eval_forward(self, batch, outputs=None):
+        with self._autocast():
+            return self._eval_forward(batch)
+
+    def _eval_forward(self, batch):
         mode = batch.get('mode')
         if mode == 'generate':
             return self._generate_answers(batch)
@@ -115,6 +127,16 @@ class ComposerDbrx(ComposerModel):
         """Model FLOPs of one training step on `batch` (active parameters only), for MFU."""
         batch_size, seq_len = batch['input_ids'].shape
         return train_flops_per_token(self.model.config, seq_len) * batch_size * seq_len
+
+
+def composer_precision(precision: str, device: str) -> tuple[str, bool]:
+    """The precision to give Composer's Trainer for `precision` (resolved: `training.hardware.
+    resolve_precision`) on `device`, and whether `ComposerDbrx` must autocast itself: Composer refuses
+    any autocast on a CPU ("... is not supported for CPU training"), so there the model runs its bf16
+    autocast and the Trainer runs fp32."""
+    if device == 'cpu' and precision == 'amp_bf16':
+        return 'fp32', True
+    return precision, False
 
 
 def icl_metrics() -> dict[str, Metric]:

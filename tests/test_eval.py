@@ -134,6 +134,29 @@ def test_every_icl_accuracy_is_what_the_model_answers_directly(evaluated, model,
     assert logged['metrics/qa_model_answer/0-shot/InContextLearningGenerationExactMatchAccuracy'] == 1.0
 
 
+def test_amp_bf16_evaluates_under_bf16_autocast_on_a_cpu_that_has_it(trained, evaluated, tiny_corpus, tmp_path):
+    """Composer refuses autocast on a CPU; the model runs its own. fp32 where bf16 is not native."""
+    from dbrx_train import eval as eval_entry
+    from dbrx_train.training.hardware import cpu_bf16_support
+
+    _, fp32 = evaluated
+    overrides = {'checkpoint': trained / 'checkpoints', 'precision': 'amp_bf16', 'icl_tasks': 'null',
+                 'icl_seq_len': MODEL_SEQ_LEN, 'max_seq_len': CORPUS_SEQ_LEN,
+                 'device_eval_batch_size': BATCH, 'eval_subset_num_batches': SUBSET,
+                 'eval_loader.dataset.streams.text.local': tiny_corpus / 'text',
+                 'eval_loader.dataset.streams.code.local': tiny_corpus / 'code',
+                 'loggers.metrics_file.path': tmp_path / 'metrics.jsonl', 'progress_bar': False}
+    with contextlib.redirect_stdout(io.StringIO()):
+        eval_entry.main([str(EVAL_CONFIG), *(f'{k}={v}' for k, v in overrides.items())])
+    logged = {k: v for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()
+              for k, v in json.loads(line).items() if k != 'step'}
+    key = 'metrics/eval/text/LanguageCrossEntropy'
+    if cpu_bf16_support() is None:
+        assert logged[key] == fp32[key]
+    else:
+        assert logged[key] != fp32[key] and logged[key] == pytest.approx(fp32[key], rel=0.02)
+
+
 def test_the_table_lists_every_logged_metric(evaluated):
     table, logged = evaluated
     rows = {tuple(line.split()) for line in table.splitlines()}

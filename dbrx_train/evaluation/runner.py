@@ -14,12 +14,13 @@ from composer.utils import dist, reproducibility
 
 from dbrx_train.builders import build_from_registry, register_ours, resolve_device
 from dbrx_train.checkpoints import load_pretrained, open_saved
-from dbrx_train.composer_model import LM_METRICS, ComposerDbrx
+from dbrx_train.composer_model import LM_METRICS, ComposerDbrx, composer_precision
 from dbrx_train.data import LoaderConfig, build_text_dataloader, check_local_data
 from dbrx_train.data.shared_memory import remove_stale_shared_memory_on_each_node
 from dbrx_train.evaluation.config import EvalConfig
 from dbrx_train.evaluation.gauntlet import gauntlet_scores
 from dbrx_train.evaluation.icl import build_icl_evaluators
+from dbrx_train.training.hardware import resolve_precision
 
 
 def stream_evaluators(loader: LoaderConfig, batch_size: int, seq_len: int, subset_num_batches: int = -1
@@ -63,8 +64,9 @@ def evaluate(cfg: EvalConfig) -> dict[str, float]:
     loggers = [build_from_registry('loggers', n, kw or {}, build_logger) for n, kw in cfg.loggers.items()]
     with warnings.catch_warnings():
         warnings.filterwarnings('ignore', message='No optimizer was specified')  # none is needed to evaluate
-        trainer = Trainer(run_name=cfg.run_name, seed=cfg.seed, model=ComposerDbrx(model), eval_dataloader=evaluators,
-                          device=device, precision=cfg.precision, loggers=[*loggers, recorder],
+        precision, cpu_autocast = composer_precision(resolve_precision(cfg.precision, device), device)
+        trainer = Trainer(run_name=cfg.run_name, seed=cfg.seed, model=ComposerDbrx(model, cpu_autocast=cpu_autocast),
+                          eval_dataloader=evaluators, device=device, precision=precision, loggers=[*loggers, recorder],
                           progress_bar=cfg.progress_bar, log_to_console=False, python_log_level=cfg.python_log_level)
     trainer.eval()
     metrics = {key: float(value) for key, value in recorder.most_recent_values.items() if key.startswith('metrics/')}

@@ -15,7 +15,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import torch
 from composer import Trainer
 from composer.core import DataSpec, Evaluator
 from composer.utils import dist, format_name_with_dist, reproducibility
@@ -28,7 +27,7 @@ from dbrx_train.checkpoints.native import CONFIG_FILE, read_config, write_config
 from dbrx_train.checkpoints.remote import RemoteCheckpoints
 from dbrx_train.checkpoints.remote import local_folder as remote_local_folder
 from dbrx_train.checkpoints.saver import AtomicCheckpointSaver
-from dbrx_train.composer_model import LM_METRICS, ComposerDbrx
+from dbrx_train.composer_model import LM_METRICS, ComposerDbrx, composer_precision
 from dbrx_train.data import build_text_dataloader
 from dbrx_train.data.finetuning import build_finetuning_dataloader
 from dbrx_train.data.finetuning_source import prepare_hf_name
@@ -42,7 +41,7 @@ from dbrx_train.training.config import TrainConfig
 from dbrx_train.training.curriculum_monitor import CurriculumMonitor
 from dbrx_train.training.finetune import check_init_from, prepare_model, start_from_pretrained
 from dbrx_train.training.gradient_clipping import GradientClipping
-from dbrx_train.training.hardware import cpu_bf16_support, matmul_peak_flops
+from dbrx_train.training.hardware import matmul_peak_flops, resolve_precision
 from dbrx_train.training.hf_checkpointer import HFCheckpointer
 from dbrx_train.training.parallelize import build_mesh, check_memory, parallelize, uses_fsdp
 from dbrx_train.training.preemption import SaveOnSignal
@@ -73,21 +72,6 @@ def _fsdp2(cfg: TrainConfig) -> FSDP2Config | None:
     fsdp = cfg.fsdp_config
     return FSDP2Config(reshard_after_forward=fsdp.reshard_after_forward, state_dict_type=fsdp.state_dict_type,
                        mixed_precision=fsdp.mixed_precision, activation_cpu_offload=fsdp.activation_cpu_offload)
-
-
-def resolve_precision(precision: str, device: str) -> str:
-    """The precision to train in: `amp_bf16` on a CPU only where bf16 is native (AVX512_BF16 or AMX;
-    elsewhere bf16 matmuls are emulated, slower than fp32). The choice is logged."""
-    if device != 'cpu' or precision != 'amp_bf16':
-        return precision
-    capability = torch.backends.cpu.get_cpu_capability()
-    native = cpu_bf16_support()
-    if native is None:
-        log.warning('precision amp_bf16: this CPU (%s) has no native bf16 (AVX512_BF16 or AMX); training in fp32',
-                    capability)
-        return 'fp32'
-    log.info('precision amp_bf16: bf16 autocast on this CPU (%s, %s)', native, capability)
-    return precision
 
 
 def _build_algorithm(name: str, kwargs: dict):
@@ -128,7 +112,9 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
 
     check_init_from(cfg.init_from, cfg.model)  # before the model is built: that can take long
     # 'mixed' (llm-foundry's rank 0 builds, the others receive) is 'meta': the weights are the same.
-    model = ComposerDbrx(cfg.model, device='cpu' if cfg.init_device == 'cpu' else 'meta', seed=cfg.seed)
+    trainer_precision, cpu_autocast = composer_precision(cfg.precision, device)
+    model = ComposerDbrx(cfg.model, device='cpu' if cfg.init_device == 'cpu' else 'meta', seed=cfg.seed,
+                         cpu_autocast=cpu_autocast)
     prepare_model(model.model, cfg.freeze, cfg.lora)  # what trains, before the optimizer sees it
     parallelize(model.model, cfg, mesh, device)  # before the optimizer: it sees the sharded parameters
     # Composer's FSDP2 wraps nothing (parallelize did); `_fsdp_wrap` is its only switch for that.
@@ -178,7 +164,7 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
         optimizers=optimizer,
         schedulers=scheduler,
         algorithms=algorithms,
-        precision=cfg.precision,
+        precision=trainer_precision,
         device=device,
         device_train_microbatch_size=cfg.device_train_microbatch_size or batch_per_device,
         parallelism_config={'fsdp': fsdp} if fsdp is not None else None,

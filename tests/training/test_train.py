@@ -152,14 +152,36 @@ def test_a_run_resumes_with_another_expert_parallel_degree(request, tiny_corpus,
 
 @pytest.mark.parametrize('native, expected', [('AMX', 'amp_bf16'), (None, 'fp32')])
 def test_amp_bf16_on_cpu_only_where_bf16_is_native_and_the_choice_is_logged(monkeypatch, caplog, native, expected):
-    from dbrx_train.training import trainer
+    from dbrx_train.errors import ConfigError
+    from dbrx_train.training import hardware
 
-    monkeypatch.setattr(trainer, 'cpu_bf16_support', lambda: native)
+    monkeypatch.setattr(hardware, 'cpu_bf16_support', lambda: native)
     with caplog.at_level('INFO', logger='dbrx_train'):
-        assert trainer.resolve_precision('amp_bf16', 'cpu') == expected
+        assert hardware.resolve_precision('amp_bf16', 'cpu') == expected
     assert 'precision amp_bf16' in caplog.text and (native or 'no native bf16') in caplog.text
-    assert trainer.resolve_precision('fp32', 'cpu') == 'fp32'
-    assert trainer.resolve_precision('amp_bf16', 'gpu') == 'amp_bf16'
+    assert hardware.resolve_precision('fp32', 'cpu') == 'fp32'
+    assert hardware.resolve_precision('amp_bf16', 'gpu') == 'amp_bf16'
+    with pytest.raises(ConfigError, match='precision: amp_fp16 needs a GPU'):
+        hardware.resolve_precision('amp_fp16', 'cpu')
+
+
+def test_amp_bf16_trains_two_cpu_ranks_under_bf16_autocast_where_the_cpu_has_it(tiny_corpus, reference_two_ranks,
+                                                                                   tmp_path):
+    """Composer's Trainer refuses autocast on a CPU; the model runs its own (FSDP2 gathers bf16 weights).
+    Without native bf16 the run is fp32, logged, with fp32's losses."""
+    from dbrx_train.training.hardware import cpu_bf16_support
+
+    output = run(tiny_overrides(tiny_corpus, tmp_path, precision='amp_bf16', python_log_level='info'), processes=2,
+                 log_dir=tmp_path)
+    found, fp32 = losses(tmp_path / 'metrics.jsonl'), losses(reference_two_ranks / 'metrics.jsonl')
+    assert sorted(found) == sorted(fp32)
+    if cpu_bf16_support() is None:
+        assert 'no native bf16' in output and found == fp32
+        return
+    assert f'precision amp_bf16: bf16 autocast on this CPU ({cpu_bf16_support()}' in output
+    assert found != fp32  # bf16 rounding shows in every loss...
+    for step, loss in found.items():  # ...and only that
+        assert loss == pytest.approx(fp32[step], rel=0.02), step
 
 
 def test_compile_config_compiles_each_block_and_trains_like_eager(tiny_corpus, reference, tmp_path):
