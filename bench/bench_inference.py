@@ -28,7 +28,8 @@ from bench_model import log, write_json
 from common import alternate, bench_config, hf_twin, timed
 from dbrx_train.model import DbrxLM
 from dbrx_train.model.quantize import quantize
-from dbrx_train.training.hardware import cpu_bf16_support, matmul_peak_flops
+from dbrx_train.precision import cpu_bf16_support
+from dbrx_train.training.hardware import matmul_peak_flops
 
 THREADS = 2
 SECTIONS = ('peak', 'decode')

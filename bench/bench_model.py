@@ -38,7 +38,7 @@ from common import (
 )
 from dbrx_train.model.compile import CompileConfig, compile_blocks
 from dbrx_train.model.flops import train_flops_per_token
-from dbrx_train.training.hardware import cpu_bf16_support
+from dbrx_train.precision import cpu_bf16_support
 
 THREADS = 2
 SECTIONS = ('train', 'forward', 'moe', 'generate', 'memory')

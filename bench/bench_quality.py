@@ -30,7 +30,7 @@ from dbrx_train.data.embedded_corpus import DEFAULT_MAX_TOKENS, EMBEDDED_STREAMS
 from dbrx_train.model import DbrxLM
 from dbrx_train.model.quantize import quantize
 from dbrx_train.tokenizer import get_encoding
-from dbrx_train.training.hardware import cpu_bf16_support
+from dbrx_train.precision import cpu_bf16_support
 
 THREADS = 2
 YAML = 'yamls/pretrain/dbrx-tiny.yaml'

@@ -129,16 +129,6 @@ class ComposerDbrx(ComposerModel):
         return train_flops_per_token(self.model.config, seq_len) * batch_size * seq_len
 
 
-def composer_precision(precision: str, device: str) -> tuple[str, bool]:
-    """The precision to give Composer's Trainer for `precision` (resolved: `training.hardware.
-    resolve_precision`) on `device`, and whether `ComposerDbrx` must autocast itself: Composer refuses
-    any autocast on a CPU ("... is not supported for CPU training"), so there the model runs its bf16
-    autocast and the Trainer runs fp32."""
-    if device == 'cpu' and precision == 'amp_bf16':
-        return 'fp32', True
-    return precision, False
-
-
 def icl_metrics() -> dict[str, Metric]:
     """A fresh instance of each of llm-foundry's ICL metrics, by class name."""
     from llmfoundry.utils.builders import build_metric

@@ -137,7 +137,7 @@ def test_every_icl_accuracy_is_what_the_model_answers_directly(evaluated, model,
 def test_amp_bf16_evaluates_under_bf16_autocast_on_a_cpu_that_has_it(trained, evaluated, tiny_corpus, tmp_path):
     """Composer refuses autocast on a CPU; the model runs its own. fp32 where bf16 is not native."""
     from dbrx_train import eval as eval_entry
-    from dbrx_train.training.hardware import cpu_bf16_support
+    from dbrx_train.precision import cpu_bf16_support
 
     _, fp32 = evaluated
     overrides = {'checkpoint': trained / 'checkpoints', 'precision': 'amp_bf16', 'icl_tasks': 'null',

@@ -14,13 +14,13 @@ from composer.utils import dist, reproducibility
 
 from dbrx_train.builders import build_from_registry, register_ours, resolve_device
 from dbrx_train.checkpoints import load_pretrained, open_saved
-from dbrx_train.composer_model import LM_METRICS, ComposerDbrx, composer_precision
+from dbrx_train.composer_model import LM_METRICS, ComposerDbrx
 from dbrx_train.data import LoaderConfig, build_text_dataloader, check_local_data
 from dbrx_train.data.shared_memory import remove_stale_shared_memory_on_each_node
 from dbrx_train.evaluation.config import EvalConfig
 from dbrx_train.evaluation.gauntlet import gauntlet_scores
 from dbrx_train.evaluation.icl import build_icl_evaluators
-from dbrx_train.training.hardware import resolve_precision
+from dbrx_train.precision import composer_precision, resolve_precision
 
 
 def stream_evaluators(loader: LoaderConfig, batch_size: int, seq_len: int, subset_num_batches: int = -1

@@ -27,7 +27,7 @@ from dbrx_train.checkpoints.native import CONFIG_FILE, read_config, write_config
 from dbrx_train.checkpoints.remote import RemoteCheckpoints
 from dbrx_train.checkpoints.remote import local_folder as remote_local_folder
 from dbrx_train.checkpoints.saver import AtomicCheckpointSaver
-from dbrx_train.composer_model import LM_METRICS, ComposerDbrx, composer_precision
+from dbrx_train.composer_model import LM_METRICS, ComposerDbrx
 from dbrx_train.data import build_text_dataloader
 from dbrx_train.data.finetuning import build_finetuning_dataloader
 from dbrx_train.data.finetuning_source import prepare_hf_name
@@ -36,12 +36,13 @@ from dbrx_train.data.shared_memory import remove_stale_shared_memory_on_each_nod
 from dbrx_train.errors import ConfigError
 from dbrx_train.evaluation.icl import build_icl_evaluators
 from dbrx_train.object_store import RemoteFolder
+from dbrx_train.precision import composer_precision, resolve_precision
 from dbrx_train.training.callbacks import BatchFingerprint, MoEMonitor
 from dbrx_train.training.config import TrainConfig
 from dbrx_train.training.curriculum_monitor import CurriculumMonitor
 from dbrx_train.training.finetune import check_init_from, prepare_model, start_from_pretrained
 from dbrx_train.training.gradient_clipping import GradientClipping
-from dbrx_train.training.hardware import matmul_peak_flops, resolve_precision
+from dbrx_train.training.hardware import matmul_peak_flops
 from dbrx_train.training.hf_checkpointer import HFCheckpointer
 from dbrx_train.training.parallelize import build_mesh, check_memory, parallelize, uses_fsdp
 from dbrx_train.training.preemption import SaveOnSignal

@@ -153,7 +153,7 @@ def test_a_run_resumes_with_another_expert_parallel_degree(request, tiny_corpus,
 @pytest.mark.parametrize('native, expected', [('AMX', 'amp_bf16'), (None, 'fp32')])
 def test_amp_bf16_on_cpu_only_where_bf16_is_native_and_the_choice_is_logged(monkeypatch, caplog, native, expected):
     from dbrx_train.errors import ConfigError
-    from dbrx_train.training import hardware
+    from dbrx_train import precision as hardware
 
     monkeypatch.setattr(hardware, 'cpu_bf16_support', lambda: native)
     with caplog.at_level('INFO', logger='dbrx_train'):
@@ -169,7 +169,7 @@ def test_amp_bf16_trains_two_cpu_ranks_under_bf16_autocast_where_the_cpu_has_it(
                                                                                    tmp_path):
     """Composer's Trainer refuses autocast on a CPU; the model runs its own (FSDP2 gathers bf16 weights).
     Without native bf16 the run is fp32, logged, with fp32's losses."""
-    from dbrx_train.training.hardware import cpu_bf16_support
+    from dbrx_train.precision import cpu_bf16_support
 
     output = run(tiny_overrides(tiny_corpus, tmp_path, precision='amp_bf16', python_log_level='info'), processes=2,
                  log_dir=tmp_path)
