@@ -35,6 +35,7 @@ bench: $(STAMP)
 	$(PY) bench/bench_init_memory.py
 	$(PY) bench/bench_remote_data.py
 	$(PY) bench/bench_qlora_memory.py
+	$(PY) bench/bench_optimizer.py
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

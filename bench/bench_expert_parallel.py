@@ -98,7 +98,7 @@ def profiled_split(step) -> dict[str, float]:
 
 
 def on_rank(config, micro_batch: int, seq: int, warmup: int, repeats: int) -> dict:
-    from composer.optim import DecoupledAdamW
+    from dbrx_train.training.optimizer import DecoupledAdamW
     import torch.distributed as dist
 
     from bench.common import alternate, peak_resident_mib, reset_peak_resident, resident_mib

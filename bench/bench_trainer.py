@@ -28,7 +28,7 @@ CONFIG = REPO / 'yamls' / 'pretrain' / 'dbrx-tiny.yaml'
 
 
 def bare_step_tokens_per_s(cfg, batch, steps: int, warmup: int) -> float:
-    from composer.optim import DecoupledAdamW
+    from dbrx_train.training.optimizer import DecoupledAdamW
 
     from dbrx_train.model.dbrx import DbrxLM
 

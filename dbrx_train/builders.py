@@ -18,9 +18,10 @@ from dbrx_train.metrics_file import MetricsFileLogger
 OUR_LOGGERS = {'metrics_file': MetricsFileLogger}
 
 
-def register_ours(callbacks: Mapping[str, type] = {}, replacing: Mapping[str, type] = {}) -> None:
+def register_ours(callbacks: Mapping[str, type] = {}, replacing: Mapping[str, type] = {},
+                  optimizers: Mapping[str, type] = {}) -> None:
     """Adds this project's loggers, and `callbacks`, to llm-foundry's registries (once); `replacing`:
-    callbacks under names llm-foundry uses, in place of its own."""
+    callbacks, and `optimizers` optimizers, under names llm-foundry uses, in place of its own."""
     from llmfoundry import registry  # seconds to import, and it warns on stderr: only when building
 
     for name, cls in callbacks.items():
@@ -28,6 +29,8 @@ def register_ours(callbacks: Mapping[str, type] = {}, replacing: Mapping[str, ty
             registry.callbacks.register(name, func=cls)
     for name, cls in replacing.items():
         registry.callbacks.register(name, func=cls)
+    for name, cls in optimizers.items():
+        registry.optimizers.register(name, func=cls)
     for name, cls in OUR_LOGGERS.items():
         if name not in registry.loggers:
             registry.loggers.register(name, func=cls)

@@ -44,6 +44,7 @@ from dbrx_train.training.finetune import check_init_from, prepare_model, start_f
 from dbrx_train.training.gradient_clipping import GradientClipping
 from dbrx_train.training.hardware import matmul_peak_flops
 from dbrx_train.training.hf_checkpointer import HFCheckpointer
+from dbrx_train.training.optimizer import DecoupledAdamW
 from dbrx_train.training.parallelize import build_mesh, check_memory, parallelize, uses_fsdp
 from dbrx_train.training.preemption import SaveOnSignal
 from dbrx_train.uri import is_remote
@@ -55,6 +56,7 @@ OUR_CALLBACKS = {'moe_monitor': MoEMonitor, 'curriculum_monitor': CurriculumMoni
 # In place of llm-foundry's of the same name, which needs a transformers model in the trainer.
 REPLACED_CALLBACKS = {'hf_checkpointer': HFCheckpointer}
 OUR_ALGORITHMS = {'gradient_clipping': GradientClipping}  # in place of Composer's
+REPLACED_OPTIMIZERS = {'decoupled_adamw': DecoupledAdamW}  # the same update, on torch's fused kernel
 DATALOADERS = {'text': build_text_dataloader, 'finetuning': build_finetuning_dataloader}  # by loader name
 
 
@@ -95,7 +97,7 @@ def _setup_logging(level: str | None) -> None:
 def build_trainer(cfg: TrainConfig) -> Trainer:
     from llmfoundry.utils.builders import build_callback, build_logger, build_optimizer, build_scheduler
 
-    register_ours(OUR_CALLBACKS, replacing=REPLACED_CALLBACKS)
+    register_ours(OUR_CALLBACKS, replacing=REPLACED_CALLBACKS, optimizers=REPLACED_OPTIMIZERS)
     device = resolve_device(cfg.device)
     dist.initialize_dist(device, timeout=cfg.dist_timeout)
     _setup_logging(cfg.python_log_level)
