@@ -152,6 +152,9 @@ def describe_qlora_layout(config: ModelConfig, layout: Layout, lora_rank: int) -
         'per rank (rank 0; GiB = 2^30 bytes):',
         *(f'  {name:<16}{value / GIB:>10.2f}' for name, value in rows),
         f'gathered module:   {gathered}',
+        f'loss:              the LM head dequantized whole while the fused loss runs: '
+        f'{config.vocab_size * config.d_model * 4 / GIB:.2f} GiB in fp32 '
+        f'({config.vocab_size * config.d_model * 2 / GIB:.2f} in bf16), besides one chunk of logits',
     ])
 
 

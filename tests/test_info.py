@@ -104,6 +104,9 @@ def test_sizes_one_rank_of_132b_qlora_on_8_ranks(capsys):
     main([str(DBRX_132B), '--world-size', '8', '--quantization', 'int4', '--lora-rank', '16'])
     out = capsys.readouterr().out
     assert 'frozen base int4 in groups of 128 (4.25 bits per weight)' in out
+    head = 100352 * 6144  # the LM head: DBRX's vocabulary x d_model, in fp32 and bf16 while the loss runs
+    assert f'the LM head dequantized whole while the fused loss runs: {head * 4 / 2**30:.2f} GiB in fp32 ' \
+           f'({head * 2 / 2**30:.2f} in bf16)' in out
     table = {line[:18].strip(): float(line[18:]) for line in out.splitlines() if line.startswith('  ')
              and line[18:].strip().replace('.', '').isdigit()}
     # 131.6B parameters, all but ~0.6B of them int4 at 4.25 bits, over 8 ranks: about 8.1 GiB each
