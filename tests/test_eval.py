@@ -89,21 +89,28 @@ def own_answer_tasks(model, shipped_batches, tmp_path) -> list[dict]:
 
 @pytest.fixture(scope='module')
 def evaluated(trained, model, shipped_batches, tiny_corpus, tmp_path_factory):
-    """The eval entry point on the trained checkpoint: the table it printed and the metrics it logged."""
-    from dbrx_train import eval as eval_entry
-
+    """The eval entry point on the trained checkpoint, with tasks the model's own answers make certain:
+    the table it printed and the metrics it logged."""
     tmp = tmp_path_factory.mktemp('eval')
     (tmp / 'tasks.yaml').write_text(yaml.safe_dump({'icl_tasks': own_answer_tasks(model, shipped_batches, tmp)}))
+    return run_eval(trained, tiny_corpus, tmp, icl_tasks=tmp / 'tasks.yaml')
+
+
+def run_eval(trained, tiny_corpus, out, **overrides) -> tuple[str, dict[str, float]]:
+    """The eval entry point on the trained checkpoint, perplexity on both streams, with `overrides`:
+    the table it printed and the metrics it logged (to `out`/metrics.jsonl)."""
+    from dbrx_train import eval as eval_entry
+
     overrides = {
-        'checkpoint': trained / 'checkpoints', 'icl_tasks': tmp / 'tasks.yaml', 'max_seq_len': CORPUS_SEQ_LEN,
-        'icl_seq_len': MODEL_SEQ_LEN, 'device_eval_batch_size': BATCH, 'eval_subset_num_batches': SUBSET,
+        'checkpoint': trained / 'checkpoints', 'max_seq_len': CORPUS_SEQ_LEN, 'icl_seq_len': MODEL_SEQ_LEN,
+        'device_eval_batch_size': BATCH, 'eval_subset_num_batches': SUBSET,
         'eval_loader.dataset.streams.text.local': tiny_corpus / 'text',
         'eval_loader.dataset.streams.code.local': tiny_corpus / 'code',
-        'loggers.metrics_file.path': tmp / 'metrics.jsonl', 'progress_bar': False}
+        'loggers.metrics_file.path': out / 'metrics.jsonl', 'progress_bar': False, **overrides}
     table = io.StringIO()
     with contextlib.redirect_stdout(table):
         eval_entry.main([str(EVAL_CONFIG), *(f'{k}={v}' for k, v in overrides.items())])
-    logged = {k: v for line in (tmp / 'metrics.jsonl').read_text().splitlines()
+    logged = {k: v for line in (out / 'metrics.jsonl').read_text().splitlines()
               for k, v in json.loads(line).items() if k != 'step'}
     return table.getvalue(), logged
 
@@ -136,20 +143,10 @@ def test_every_icl_accuracy_is_what_the_model_answers_directly(evaluated, model,
 
 def test_amp_bf16_evaluates_under_bf16_autocast_on_a_cpu_that_has_it(trained, evaluated, tiny_corpus, tmp_path):
     """Composer refuses autocast on a CPU; the model runs its own. fp32 where bf16 is not native."""
-    from dbrx_train import eval as eval_entry
     from dbrx_train.precision import cpu_bf16_support
 
     _, fp32 = evaluated
-    overrides = {'checkpoint': trained / 'checkpoints', 'precision': 'amp_bf16', 'icl_tasks': 'null',
-                 'icl_seq_len': MODEL_SEQ_LEN, 'max_seq_len': CORPUS_SEQ_LEN,
-                 'device_eval_batch_size': BATCH, 'eval_subset_num_batches': SUBSET,
-                 'eval_loader.dataset.streams.text.local': tiny_corpus / 'text',
-                 'eval_loader.dataset.streams.code.local': tiny_corpus / 'code',
-                 'loggers.metrics_file.path': tmp_path / 'metrics.jsonl', 'progress_bar': False}
-    with contextlib.redirect_stdout(io.StringIO()):
-        eval_entry.main([str(EVAL_CONFIG), *(f'{k}={v}' for k, v in overrides.items())])
-    logged = {k: v for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()
-              for k, v in json.loads(line).items() if k != 'step'}
+    _, logged = run_eval(trained, tiny_corpus, tmp_path, precision='amp_bf16', icl_tasks='null')
     key = 'metrics/eval/text/LanguageCrossEntropy'
     if cpu_bf16_support() is None:
         assert logged[key] == fp32[key]

@@ -150,21 +150,6 @@ def test_a_run_resumes_with_another_expert_parallel_degree(request, tiny_corpus,
         assert resumed[step] == pytest.approx(uninterrupted[step], rel=1e-4), step
 
 
-@pytest.mark.parametrize('native, expected', [('AMX', 'amp_bf16'), (None, 'fp32')])
-def test_amp_bf16_on_cpu_only_where_bf16_is_native_and_the_choice_is_logged(monkeypatch, caplog, native, expected):
-    from dbrx_train.errors import ConfigError
-    from dbrx_train import precision as hardware
-
-    monkeypatch.setattr(hardware, 'cpu_bf16_support', lambda: native)
-    with caplog.at_level('INFO', logger='dbrx_train'):
-        assert hardware.resolve_precision('amp_bf16', 'cpu') == expected
-    assert 'precision amp_bf16' in caplog.text and (native or 'no native bf16') in caplog.text
-    assert hardware.resolve_precision('fp32', 'cpu') == 'fp32'
-    assert hardware.resolve_precision('amp_bf16', 'gpu') == 'amp_bf16'
-    with pytest.raises(ConfigError, match='precision: amp_fp16 needs a GPU'):
-        hardware.resolve_precision('amp_fp16', 'cpu')
-
-
 def test_amp_bf16_trains_two_cpu_ranks_under_bf16_autocast_where_the_cpu_has_it(tiny_corpus, reference_two_ranks,
                                                                                    tmp_path):
     """Composer's Trainer refuses autocast on a CPU; the model runs its own (FSDP2 gathers bf16 weights).
