@@ -24,6 +24,12 @@ stored form and the same adapters (same shapes, same initial values) live in the
 module dequantizes each matrix just in time for its matmul and adds the update computed on the
 inputs, `scale * (x @ A.T) @ B.T`, so no float copy of a base matrix outlives its matmul. Such a
 model merges by dequantizing (`export`, `checkpoints.composer.ComposerTensors`).
+
+`dtype: bf16` keeps the adapters (so their gradients and AdamW's moments) and the frozen float tensors
+beside them in bf16, as torchtune's QLoRA recipes train: half the adapter state of fp32 (6 bytes per
+adapter parameter held, not 12), and with an int4 base what brings a step under 0.6 bytes per base
+weight (bench/bench_qlora_memory.py). The whole float model changes dtype, not the adapters alone:
+FSDP2 shards one dtype per block. The price is bf16's rounding in the adapters' updates.
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ from dbrx_train.model.quantize import QuantizedModule
 log = logging.getLogger(__name__)
 
 LoraTarget = Literal['Wqkv', 'out_proj', 'w1', 'v1', 'w2']
+LORA_DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16}
 ATTENTION_TARGETS = ('Wqkv', 'out_proj')
 EXPERT_TARGETS = ('w1', 'v1', 'w2')
 # A parameter or buffer name of an adapted model -> (the tensor's name in a plain model, part).
@@ -69,6 +76,8 @@ class LoraConfig:
     # PEFT's lora_dropout: in training, the attention adapters read their inputs through dropout (the
     # fused experts' adapters have no input of their own here: they train without it, as the log says).
     dropout: float = 0.0
+    # The float tensors of the adapted model (adapters, frozen float weights); None: as the model was built.
+    dtype: Literal['fp32', 'bf16'] | None = None
 
     def check(self) -> None:
         if self.r < 1:
@@ -134,10 +143,14 @@ def merged_weight(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tens
 
 
 def apply_lora(model: DbrxLM, config: LoraConfig) -> None:
-    """Freezes every parameter of `model` and adds trainable adapters where `config` says."""
+    """Freezes every parameter of `model` and adds trainable adapters where `config` says, with the
+    model's float parameters in `config.dtype` first when it names one."""
     n_layers = model.config.n_layers
     check_layers(config.layers, n_layers, 'lora.layers')
     model.requires_grad_(False)
+    if config.dtype is not None:
+        for param in model.parameters():  # not the buffers: a quantized base's parts keep their dtypes
+            param.data = param.data.to(LORA_DTYPES[config.dtype])
     if config.dropout and set(config.targets) & set(EXPERT_TARGETS):
         log.warning('lora dropout %.3g applies to the attention adapters; the fused experts\' adapters (%s) '
                     'train without it', config.dropout, ', '.join(t for t in config.targets if t in EXPERT_TARGETS))

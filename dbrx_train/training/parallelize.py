@@ -35,6 +35,7 @@ The mesh, by layout (world = all ranks):
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import torch
@@ -139,6 +140,8 @@ def parallelize(model: DbrxLM, cfg: TrainConfig, mesh: DeviceMesh, device: str =
     replicas = None  # HYBRID_SHARD's replica group, where gradient_average (not FSDP2) averages over it
     if uses_fsdp(cfg, mesh.size()):
         mp_policy = create_mixed_precision_policy(Precision(cfg.precision), fsdp.mixed_precision)
+        if cfg.lora is not None and cfg.lora.dtype == 'bf16':  # held in bf16 (LoraConfig): gathered as held
+            mp_policy = dataclasses.replace(mp_policy, param_dtype=None)
         data_mesh = mesh._flatten('dp_ep') if expert_parallel else mesh
         options = dict(reshard_after_forward=fsdp.reshard_after_forward, mp_policy=mp_policy or MixedPrecisionPolicy())
         hybrid = fsdp.sharding_strategy == 'HYBRID_SHARD'

@@ -60,3 +60,32 @@ def test_qlora_adapter_gradients_match_lora_on_the_dequantized_base(method):
     assert qlora.blocks[0].ffn.experts.w1.dtype == (torch.uint8 if method == 'int4' else torch.int8)
     with pytest.raises(ValueError, match='export'):
         merge_lora(qlora)
+
+
+def test_bf16_adapters_hold_the_float_model_in_bf16_keep_the_base_as_stored_and_train():
+    quantized = quantize(tiny_dbrx(d_model=64, vocab=VOCAB, ffn=32, experts=4, top_k=2), 'int4', group_size=GROUP)
+    stored = {name: t.clone() for name, t in quantized.named_buffers()}
+    fp32, bf16 = copy.deepcopy(quantized), quantized
+    apply_lora(fp32, LoraConfig(r=4, alpha=8, seed=3))
+    apply_lora(bf16, LoraConfig(r=4, alpha=8, seed=3, dtype='bf16'))
+
+    assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}  # one dtype per block for FSDP2
+    for name, tensor in stored.items():  # the int4 parts and their scales as they were
+        assert bf16.get_buffer(name).dtype == tensor.dtype and torch.equal(bf16.get_buffer(name), tensor), name
+    for (_, a), (_, b) in zip(adapters(fp32), adapters(bf16), strict=True):  # the same start, rounded
+        assert torch.equal(b.lora_A, a.lora_A.to(torch.bfloat16)) and not b.lora_B.any()
+
+    trainable = [p for p in bf16.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-2)
+    ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(1))
+    bf16.train()
+    losses = []
+    for _ in range(6):
+        loss = bf16.loss(ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.1, losses  # bf16 updates still learn
+    moments = [state[key] for state in optimizer.state.values() for key in ('exp_avg', 'exp_avg_sq')]
+    assert moments and {m.dtype for m in moments} == {torch.bfloat16}  # 6 bytes held per adapter parameter
