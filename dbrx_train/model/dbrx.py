@@ -23,10 +23,10 @@ from dbrx_train.constants import IGNORE_INDEX, next_token_targets
 from dbrx_train.model.attention import AttentionMask, Causal, Dense, Documents, LeftPadded
 from dbrx_train.model.config import ModelConfig
 from dbrx_train.model.generation import generate
-from dbrx_train.model.loss import linear_cross_entropy, load_balancing_loss
+from dbrx_train.model.loss import blockwise_linear_cross_entropy, linear_cross_entropy, load_balancing_loss
 from dbrx_train.model.init import init_normal_, local_part
 from dbrx_train.model.moe import build_experts, run_experts, traced_experts
-from dbrx_train.model.quantize import QuantizedLinear, compute_dtype, quantize
+from dbrx_train.model.quantize import QuantizedLinear, quantize
 
 NORM_EPS = 1e-5
 RESIDUAL_EXPERT_WEIGHTS = ('w2',)  # the experts' projection into the residual stream
@@ -284,10 +284,12 @@ class DbrxLM(nn.Module):
         hidden, stats = self.hidden_states(input_ids, attention_mask, sequence_id=sequence_id)
         labels = input_ids if labels is None else labels
         targets = next_token_targets(labels)
-        # A quantized (QLoRA: frozen) LM head, dequantized for the loss, which copies the weight anyway.
-        head = (self.lm_head.dequantized(compute_dtype(hidden)) if isinstance(self.lm_head, QuantizedLinear)
-                else self.lm_head.weight)
-        lm_loss = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), head, targets.reshape(-1), IGNORE_INDEX)
+        hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+        if isinstance(self.lm_head, QuantizedLinear):  # frozen (QLoRA): dequantized block by block
+            lm_loss = blockwise_linear_cross_entropy(hidden, self.lm_head.stored_matrix().blocks,
+                                                     self.config.vocab_size, targets, IGNORE_INDEX)
+        else:
+            lm_loss = linear_cross_entropy(hidden, self.lm_head.weight, targets, IGNORE_INDEX)
         aux_loss = load_balancing_loss(
             torch.stack([s.mean_probs for s in stats]),
             torch.stack([s.tokens_per_expert for s in stats]),

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+
 import torch
 
 # Rows of logits computed at once: about 128 MiB of fp32 logits per chunk for DBRX's 100k vocabulary.
 CHUNK_LOGITS = 2**25
+
+
+# A frozen LM head read block by block: `blocks(dtype)` yields (vocabulary rows, the head's rows there in dtype).
+HeadBlocks = Callable[[torch.dtype], Iterable[tuple[slice, torch.Tensor]]]
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100):
@@ -21,11 +27,25 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     return loss
 
 
+def blockwise_linear_cross_entropy(hidden: torch.Tensor, head: HeadBlocks, vocab_size: int, targets: torch.Tensor,
+                                   ignore_index: int = -100):
+    """`linear_cross_entropy` for a frozen head that is never whole in float (QLoRA's quantized one, dequantized
+    block by block): per chunk of rows, an online softmax over the head's blocks (flash attention's rescaling)
+    gives the loss and the gradient of `hidden` in one pass over the head."""
+    if torch.is_grad_enabled() and hidden.requires_grad:
+        return _LinearCrossEntropy.apply(hidden, None, targets, ignore_index, (head, vocab_size))
+    return _blockwise_loss_and_grad(hidden, head, vocab_size, targets, ignore_index, with_grads=False)[0]
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, ignore_index):
-        loss, grad_hidden, grad_weight = _chunked_loss_and_grads(hidden, weight, targets, ignore_index, True,
-                                                                 weight.requires_grad)
+    def forward(ctx, hidden, weight, targets, ignore_index, head_blocks=None):
+        if head_blocks is not None:
+            (loss, grad_hidden), grad_weight = _blockwise_loss_and_grad(hidden, *head_blocks, targets, ignore_index,
+                                                                        True), None
+        else:
+            loss, grad_hidden, grad_weight = _chunked_loss_and_grads(hidden, weight, targets, ignore_index, True,
+                                                                     weight.requires_grad)
         ctx.save_for_backward(grad_hidden, grad_weight)
         return loss
 
@@ -37,14 +57,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if not torch.equal(grad_loss, torch.ones_like(grad_loss)):
             grad_hidden = grad_hidden * grad_loss.to(grad_hidden.dtype)
             grad_weight = None if grad_weight is None else grad_weight * grad_loss.to(grad_weight.dtype)
-        return grad_hidden, grad_weight, None, None
+        return grad_hidden, grad_weight, None, None, None
+
+
+def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
+    device_type = hidden.device.type
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
 
 
 def _chunked_loss_and_grads(hidden, weight, targets, ignore_index, with_grads, with_weight_grad=True):
     """With `with_grads`, the gradients of `hidden` and (unless the head is frozen, `with_weight_grad`
-    False: LoRA, QLoRA) of `weight`: a frozen head's would be a `(vocab, d_model)` fp32 tensor of waste."""
-    device_type = hidden.device.type
-    compute_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
+    False: LoRA) of `weight`: a frozen head's would be a `(vocab, d_model)` fp32 tensor of waste."""
+    device_type, compute_dtype = hidden.device.type, _compute_dtype(hidden)
     with torch.autocast(device_type=device_type, enabled=False):
         h_all = hidden.detach().to(compute_dtype)
         w = weight.detach().to(compute_dtype)
@@ -82,6 +106,45 @@ def _chunked_loss_and_grads(hidden, weight, targets, ignore_index, with_grads, w
     if with_weight_grad:
         grad_weight = grad_weight.to(weight.dtype)
     return loss, grad_hidden, grad_weight
+
+
+def _blockwise_loss_and_grad(hidden, head: HeadBlocks, vocab_size, targets, ignore_index, with_grads):
+    """The loss and (with `with_grads`) the gradient of `hidden`, reading the head once per chunk of rows.
+    Per row: running max `m`, sum `s` of exp(logit - m) and `acc` = sum of exp(logit - m) * head row, each
+    rescaled when `m` grows; then loss = m + log(s) - target logit, gradient = acc / s - target's head row."""
+    device_type, compute_dtype = hidden.device.type, _compute_dtype(hidden)
+    with torch.autocast(device_type=device_type, enabled=False):
+        h_all = hidden.detach().to(compute_dtype)
+        valid_all = targets != ignore_index
+        n_valid = valid_all.sum().clamp(min=1)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if with_grads else None
+        rows = max(1, CHUNK_LOGITS // vocab_size)
+        for start in range(0, h_all.shape[0], rows):
+            h, t, valid = h_all[start:start + rows], targets[start:start + rows], valid_all[start:start + rows]
+            row_max = torch.full((len(h),), -torch.inf, device=h.device)
+            sum_exp, target_logit = torch.zeros_like(row_max), torch.zeros_like(row_max)
+            if with_grads:
+                acc, target_rows = (torch.zeros(h.shape, dtype=torch.float32, device=h.device) for _ in range(2))
+            for vocab, w in head(compute_dtype):
+                logits = (h @ w.t()).float()
+                hit = valid & (t >= vocab.start) & (t < vocab.stop)
+                local_t = torch.where(hit, t - vocab.start, 0)
+                target_logit = torch.where(hit, logits.gather(1, local_t[:, None]).squeeze(1), target_logit)
+                new_max = torch.maximum(row_max, logits.amax(dim=-1))
+                rescale = (row_max - new_max).exp()
+                exp_logits = logits.sub_(new_max[:, None]).exp_()
+                sum_exp = sum_exp * rescale + exp_logits.sum(dim=-1)
+                row_max = new_max
+                if with_grads:
+                    _add_matmul_(acc.mul_(rescale[:, None]), exp_logits.to(compute_dtype), w)
+                    target_rows[hit] = w[local_t[hit]].float()
+                del w, logits, exp_logits  # before the next block is dequantized
+            total += ((sum_exp.log() + row_max - target_logit) * valid).sum()
+            if with_grads:  # d(mean loss)/d(h) = (softmax @ head - head[target]) / n_valid on valid rows
+                grad = acc.div_(sum_exp[:, None]).sub_(target_rows).mul_((valid / n_valid)[:, None])
+                grad_hidden[start:start + rows] = grad.to(hidden.dtype)
+    return total / n_valid, grad_hidden
 
 
 def _add_matmul_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:

@@ -33,6 +33,7 @@ dependency pinned to one torch release; the two aten ops are all it would contri
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import get_args
 
@@ -121,7 +122,7 @@ def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Ten
                     dtype: torch.dtype) -> torch.Tensor:
     """The `(out, in)` matrix in `dtype` that `quantize_groups` stored."""
     q = unpack_int4(packed).view(*scales.shape, -1).to(dtype)
-    # In place: one float temporary the size of the matrix (QLoRA dequantizes just in time, per matmul).
+    # In place: one float temporary the size of the block asked for (QLoRA: `StoredMatrix.blocks`).
     return q.sub_(_INT4_MID).mul_(scales[..., None].to(dtype)).add_(zeros[..., None].to(dtype)).flatten(1)
 
 
@@ -189,6 +190,16 @@ class WeightFormat:
         """The `(out, in)` matrix in `dtype` that `parts` store."""
         raise NotImplementedError
 
+    def in_features(self, weight: torch.Tensor) -> int:
+        """The float matrix's input width, from its stored weight."""
+        return weight.shape[1]
+
+    column_unit = 1  # columns a block of `columns` holds a multiple of
+
+    def columns(self, parts: dict[str, torch.Tensor], cols: slice) -> dict[str, torch.Tensor]:
+        """The stored parts of the float matrix's columns `cols` (multiples of `column_unit`)."""
+        raise NotImplementedError
+
 
 class Int8Format(WeightFormat):
     name, suffixes = 'int8', ('', 'scales')
@@ -205,6 +216,9 @@ class Int8Format(WeightFormat):
 
     def dequantize(self, parts, dtype):
         return parts[''].to(dtype).mul_(parts['scales'].to(dtype)[:, None])
+
+    def columns(self, parts, cols):
+        return {'': parts[''][:, cols], 'scales': parts['scales']}  # a scale per row
 
 
 class Int4Format(WeightFormat):
@@ -231,6 +245,18 @@ class Int4Format(WeightFormat):
 
     def dequantize(self, parts, dtype):
         return dequantize_int4(parts[''], parts['scales'], parts['zeros'], dtype)
+
+    def in_features(self, weight):
+        return 2 * weight.shape[1]  # two 4-bit values a byte
+
+    @property
+    def column_unit(self):
+        return self.group_size
+
+    def columns(self, parts, cols):
+        groups = slice(cols.start // self.group_size, cols.stop // self.group_size)
+        return {'': parts[''][:, cols.start // 2:cols.stop // 2], 'scales': parts['scales'][:, groups],
+                'zeros': parts['zeros'][:, groups]}
 
 
 def weight_format(method: str, group_size: int) -> WeightFormat:
@@ -260,6 +286,12 @@ class StoredParts:
         self.whole.clear()
 
 
+# Float bytes of a frozen matrix dequantized at once (QLoRA): its matmuls run block of rows by block of
+# rows, so a step's float temporary stays this size where a DBRX-132B expert matrix is 264 MB in fp32;
+# each block still multiplies by >= 85 rows of DBRX's widest input (6144) in fp32.
+DEQUANTIZED_BLOCK_BYTES = 2 * 2**20
+
+
 @dataclass(frozen=True)
 class StoredMatrix:
     """One frozen quantized matrix: rows `rows` of the tensors `names` (suffix -> buffer) of `parts`."""
@@ -269,8 +301,23 @@ class StoredMatrix:
     names: dict[str, str]
     rows: slice = field(default_factory=lambda: slice(None))
 
-    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
-        return self.fmt.dequantize({suffix: self.parts[name][self.rows] for suffix, name in self.names.items()}, dtype)
+    @property
+    def shape(self) -> tuple[int, int]:
+        weight = self.parts[self.names['']][self.rows]
+        return len(weight), self.fmt.in_features(weight)
+
+    def blocks(self, dtype: torch.dtype, dim: int = 0) -> Iterator[tuple[slice, torch.Tensor]]:
+        """(part, the matrix's rows (`dim` 0) or columns (1) `part` dequantized in `dtype`), in blocks of
+        at most `DEQUANTIZED_BLOCK_BYTES` (columns: whole int4 groups)."""
+        shape, unit = self.shape, 1 if dim == 0 else self.fmt.column_unit
+        step = max(1, DEQUANTIZED_BLOCK_BYTES // (shape[1 - dim] * dtype.itemsize * unit)) * unit
+        for start in range(0, shape[dim], step):
+            part = slice(start, min(start + step, shape[dim]))
+            stored = self._stored(part) if dim == 0 else self.fmt.columns(self._stored(slice(None)), part)
+            yield part, self.fmt.dequantize(stored, dtype)
+
+    def _stored(self, rows: slice) -> dict[str, torch.Tensor]:
+        return {suffix: self.parts[name][self.rows][rows] for suffix, name in self.names.items()}
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -279,12 +326,21 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def frozen_linear(x: torch.Tensor, matrix: StoredMatrix) -> torch.Tensor:
-    """`x @ W.T` for the frozen matrix `W`, dequantized just before the matmul and freed after it; with
-    autograd through `x`, the backward pass dequantizes `W` again instead of keeping a float copy."""
+    """`x @ W.T` for the frozen matrix `W`, dequantized block by block just before each block's matmul;
+    with autograd through `x`, the backward pass dequantizes `W` again instead of keeping a float copy."""
     if torch.is_grad_enabled() and x.requires_grad:
         return _FrozenLinear.apply(x, matrix)
-    dtype = compute_dtype(x)
-    return F.linear(x.to(dtype), matrix.dequantize(dtype))
+    return _blockwise_linear(x.to(compute_dtype(x)), matrix)
+
+
+def _blockwise_linear(x: torch.Tensor, matrix: StoredMatrix) -> torch.Tensor:
+    """`x @ W.T`, the output columns of one block of `W`'s rows at a time."""
+    x_rows = x.reshape(-1, x.shape[-1])
+    out = x_rows.new_empty(len(x_rows), matrix.shape[0])
+    for rows, w in matrix.blocks(x.dtype, dim=0):
+        torch.mm(x_rows, w.t(), out=out[:, rows])
+        del w  # before the next block is dequantized
+    return out.view(*x.shape[:-1], -1)
 
 
 class _FrozenLinear(torch.autograd.Function):
@@ -292,18 +348,22 @@ class _FrozenLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, matrix: StoredMatrix):
-        ctx.matrix, ctx.x_dtype, dtype = matrix, x.dtype, compute_dtype(x)
+        ctx.matrix, ctx.x_dtype = matrix, x.dtype
         matrix.parts.pending += 1
-        return F.linear(x.to(dtype), matrix.dequantize(dtype))
+        return _blockwise_linear(x.to(compute_dtype(x)), matrix)
 
     @staticmethod
     def backward(ctx, grad):
         matrix = ctx.matrix
-        grad_x = (grad @ matrix.dequantize(grad.dtype)).to(ctx.x_dtype)
+        grad_rows = grad.reshape(-1, grad.shape[-1])
+        grad_x = grad_rows.new_empty(len(grad_rows), matrix.shape[1])
+        for cols, w in matrix.blocks(grad.dtype, dim=1):  # each column of grad_x written once: no sums
+            torch.mm(grad_rows, w, out=grad_x[:, cols])
+            del w  # before the next block is dequantized
         matrix.parts.pending -= 1
         if not matrix.parts.pending:
             matrix.parts.release()
-        return grad_x, None
+        return grad_x.view(*grad.shape[:-1], -1).to(ctx.x_dtype), None
 
 
 class QuantizedModule(nn.Module):
@@ -384,9 +444,10 @@ class QuantizedLinear(QuantizedModule):
             y = y + self.lora['weight'].input_update(x).to(y.dtype)
         return y
 
-    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
-        """The whole float weight (gathered when sharded): the LM head's, for the fused training loss."""
-        return StoredMatrix(StoredParts(self), self.format, self._names('weight')).dequantize(dtype)
+    def stored_matrix(self) -> StoredMatrix:
+        """The weight, gathered on first use when sharded and kept until dropped: the LM head's, which the
+        training loss reads block by block (`StoredMatrix.blocks`)."""
+        return StoredMatrix(StoredParts(self), self.format, self._names('weight'))
 
     def extra_repr(self) -> str:
         return f'in_features={self.in_features}, out_features={self.out_features}, {self.format.name}'

@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 
+import dbrx_train.model.quantize as quantize_module
 from dbrx_train.model.lora import LoraConfig, adapters, apply_lora, merge_lora, split_adapted_name
 from dbrx_train.model.quantize import (QuantizedExperts, QuantizedLinear, dequantize_matrix, dequantized_config,
                                        matrix_layouts, quantize)
@@ -34,8 +35,22 @@ def adapter_grads(model: DbrxLM, ids: torch.Tensor) -> dict[str, torch.Tensor]:
             for name, p in model.named_parameters() if p.requires_grad}
 
 
+@pytest.mark.parametrize('block_bytes', [None, 16 * 2**10], ids=['whole-matrices', 'blocks-of-16KiB'])
 @pytest.mark.parametrize('method', ['int4', 'int8'])
-def test_qlora_adapter_gradients_match_lora_on_the_dequantized_base(method):
+def test_qlora_adapter_gradients_match_lora_on_the_dequantized_base(method, block_bytes, monkeypatch):
+    """Also with the frozen matrices dequantized in blocks of 16 KiB (Wqkv, 128 x 64 in fp32, in two)."""
+    dequantized_bytes = []
+    if block_bytes is not None:
+        monkeypatch.setattr(quantize_module, 'DEQUANTIZED_BLOCK_BYTES', block_bytes)
+        fmt_class = quantize_module.Int4Format if method == 'int4' else quantize_module.Int8Format
+        dequantize = fmt_class.dequantize
+
+        def recorded(self, parts, dtype):
+            out = dequantize(self, parts, dtype)
+            dequantized_bytes.append(out.nbytes)
+            return out
+
+        monkeypatch.setattr(fmt_class, 'dequantize', recorded)
     base = tiny_dbrx(d_model=64, vocab=VOCAB, ffn=32, experts=4, top_k=2)
     qlora = quantize(copy.deepcopy(base), method, group_size=GROUP)
     lora = dequantized_model(qlora)
@@ -48,7 +63,9 @@ def test_qlora_adapter_gradients_match_lora_on_the_dequantized_base(method):
     assert isinstance(qlora.blocks[0].ffn.experts, QuantizedExperts)
     assert isinstance(qlora.blocks[1].attn.Wqkv, QuantizedLinear)
     ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(1))
-    expected, got = adapter_grads(lora, ids), adapter_grads(qlora, ids)
+    expected = adapter_grads(lora, ids)
+    dequantized_bytes.clear()
+    got = adapter_grads(qlora, ids)
     assert set(got) == set(expected) and len(got) == 2 * 2 * 5
     for name in expected:
         assert got[name].abs().max() > 0, name
@@ -58,6 +75,8 @@ def test_qlora_adapter_gradients_match_lora_on_the_dequantized_base(method):
     # The frozen base has no gradient and stays in its stored form.
     assert not any(p.requires_grad for name, p in qlora.named_parameters() if '.lora.' not in name)
     assert qlora.blocks[0].ffn.experts.w1.dtype == (torch.uint8 if method == 'int4' else torch.int8)
+    if block_bytes is not None:
+        assert max(dequantized_bytes) <= block_bytes and 128 * 64 * 4 not in dequantized_bytes
     with pytest.raises(ValueError, match='export'):
         merge_lora(qlora)
 
