@@ -1,14 +1,18 @@
 """Peak memory of a QLoRA training step per base weight, above the activations, side by side with LoRA
 on the float (fp32) base, each variant in a fresh process, in one run.
 
-The model (`BENCH` below, ~108M base weights, 16 experts of 2048 x 1024, a small vocabulary so that,
-as in DBRX-132B, the experts are nearly all of the base) trains its adapters (rank 4 on Wqkv,
-out_proj and every expert's w1, v1, w2) with AdamW in fp32 on one process, as `train.py` runs a
-QLoRA YAML: the base frozen, int4 in groups of 128 with bf16 scales and zeros each matrix
-dequantized just in time for its matmul, in the forward pass and again in the backward pass.
+The model (`BENCH` below) is one DBRX-132B block with every width divided by 4 (d_model 1536, 12 heads
+of 128, 2 kv heads, 16 experts of 2688 x 1536), LoRA rank 16 / 4 = 4 on Wqkv, out_proj and every
+expert's w1, v1, w2: so adapters per base weight, r (in + out) / (in * out), are DBRX-132B's at rank 16
+exactly, and a vocabulary of 640 gives the embedding and LM head their share of DBRX-132B (0.47% each);
+206M base weights, 96% in the experts. It trains its adapters with `decoupled_adamw` (train.py's
+optimizer) on one process, as `train.py` runs a QLoRA YAML: the base frozen, int4 in groups of 128 with
+bf16 scales and zeros, each matrix dequantized in blocks just in time for its matmul, in the forward
+pass and again in the backward pass; the adapters and the float rest of the base in fp32 (the default)
+or in bf16 (`lora.dtype: bf16`).
 
 Measured in the process: the bytes the model holds between steps, counted from its tensors (the
-stored base; the adapters' fp32 factors and AdamW's two moments), and how far a training step's
+stored base; the adapters' factors and AdamW's two moments), and how far a training step's
 peak resident memory (Linux VmHWM, reset just before the step, after `malloc_trim`) rises above the
 resident memory just before it, at T and at 2T tokens, after two steps have created AdamW's state and
 warmed both shapes. The activations of T tokens are the rise's growth from T to 2T; what remains of
@@ -16,7 +20,7 @@ the rise at T is the step's own (adapter gradients, dequantized matrices, tempor
 weight, in bytes: held + the step's own = the peak above the activations. Goal: at most 0.6.
 (Counting the held bytes from tensors, not from the resident size, keeps the shared libraries'
 pages, which a loaded machine evicts and reloads, out of the numbers.)
-Random weights: memory does not depend on the values. Both variants run with glibc's mmap threshold
+Random weights: memory does not depend on the values. Every variant runs with glibc's mmap threshold
 fixed (`MALLOC_ENV`).
 
 Run: `.venv/bin/python bench/bench_qlora_memory.py` (a few minutes on 2 cores: dequantizing every
@@ -43,13 +47,17 @@ from dbrx_train.model.config import AttentionConfig, FFNConfig, ModelConfig  # n
 from dbrx_train.model.dbrx import DbrxLM  # noqa: E402
 from dbrx_train.model.lora import LoraConfig, adapters, apply_lora  # noqa: E402
 from dbrx_train.model.quantize import QuantizedModule, store_scales_in  # noqa: E402
+from dbrx_train.training.optimizer import DecoupledAdamW  # noqa: E402
 
-BENCH = ModelConfig(d_model=1024, n_heads=8, n_layers=1, max_seq_len=512, vocab_size=2048,
+BENCH = ModelConfig(d_model=1536, n_heads=12, n_layers=1, max_seq_len=512, vocab_size=640,
                     attn_config=AttentionConfig(kv_n_heads=2),
-                    ffn_config=FFNConfig(ffn_hidden_size=2048, moe_num_experts=16, moe_top_k=4))
-LORA = LoraConfig(r=4, alpha=8)  # as many adapter parameters per base weight as rank 16 on DBRX-132B, about
+                    ffn_config=FFNConfig(ffn_hidden_size=2688, moe_num_experts=16, moe_top_k=4))
+LORA = LoraConfig(r=4, alpha=8)  # as many adapter parameters per base weight as rank 16 on DBRX-132B
 TOKENS = 32  # T: one row of 32 tokens; 2T: two rows (few tokens: the base dominates)
-VARIANTS = {'QLoRA int4 (group 128)': 'int4', 'LoRA, fp32 base': None}
+# name -> (quantization, lora.dtype)
+VARIANTS = {'QLoRA int4 (group 128), fp32 adapters': ('int4', None),
+            'QLoRA int4 (group 128), `lora.dtype: bf16`': ('int4', 'bf16'),
+            'LoRA, fp32 base': (None, None)}
 MIB = 2**20
 # glibc serves freed blocks of up to 32 MiB from its heap once one was freed (its mmap threshold
 # rises): dequantizing matrix after matrix would then measure heap fragmentation, not tensors. Fixed
@@ -57,7 +65,7 @@ MIB = 2**20
 MALLOC_ENV = {'MALLOC_MMAP_THRESHOLD_': str(128 * 1024)}
 
 
-def build(quantization: str | None) -> DbrxLM:
+def build(quantization: str | None, lora: LoraConfig) -> DbrxLM:
     if quantization is None:
         model = DbrxLM(BENCH, seed=0)
     else:
@@ -73,7 +81,7 @@ def build(quantization: str | None) -> DbrxLM:
                         else:
                             buffer.copy_(torch.randint(0, 256 if buffer.dtype == torch.uint8 else 127, buffer.shape,
                                                        generator=generator, dtype=torch.int16))
-    apply_lora(model, LORA)
+    apply_lora(model, lora)
     with torch.no_grad():  # trained adapters: B nonzero
         for _, adapter in adapters(model):
             adapter.lora_B.normal_(0, 0.01)
@@ -86,12 +94,12 @@ def base_weights(model: DbrxLM) -> int:
     return sum(p.numel() for p in float_model.parameters())
 
 
-def measure(quantization: str | None) -> dict:
+def measure(quantization: str | None, dtype: str | None) -> dict:
     torch.manual_seed(0)
     ids = torch.randint(0, BENCH.vocab_size, (2, TOKENS))
-    model = build(quantization)
+    model = build(quantization, dataclasses.replace(LORA, dtype=dtype))
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=1e-4)
+    optimizer = DecoupledAdamW(trainable, lr=1e-4)
 
     def rise(rows: int) -> float:
         """How far a training step's peak rises above the resident memory just before it, MiB."""
@@ -106,6 +114,8 @@ def measure(quantization: str | None) -> dict:
     rises = {rows: rise(rows) for rows in (1, 2)}
     return {'rise': rises[1], 'rise2': rises[2], 'base_weights': base_weights(model),
             'adapter_numel': sum(p.numel() for p in trainable),
+            'adapter_state_bytes': sum(p.nbytes for p in trainable) + sum(
+                t.nbytes for state in optimizer.state.values() for t in state.values() if t.dim()),
             'stored_bytes': sum(b.nbytes for name, b in model.named_buffers() if '.lora.' not in name)
             + sum(p.nbytes for p in model.parameters() if not p.requires_grad)}
 
@@ -116,9 +126,9 @@ def main() -> None:
     parser.add_argument('--json', help='keep the numbers in this file')
     args = parser.parse_args()
     if args.variant is not None:
-        print(json.dumps(measure(VARIANTS[args.variant])))
+        print(json.dumps(measure(*VARIANTS[args.variant])))
         return
-    print(f'{run_header()}; one process, fp32 compute; '
+    print(f'{run_header()}; one process; '
           f'{BENCH.n_layers} layers, d_model {BENCH.d_model}, {BENCH.ffn_config.moe_num_experts} experts of '
           f'{BENCH.ffn_config.ffn_hidden_size}, vocab {BENCH.vocab_size}; LoRA rank {LORA.r} on every target; '
           f'T = {TOKENS} tokens\n')
@@ -127,7 +137,7 @@ def main() -> None:
     print('|---|---:|---:|---:|---:|---:|---:|')
     results = {}
     for name in VARIANTS:
-        if VARIANTS[name] is None and mem_available_bytes() < 6 * 2**30:
+        if VARIANTS[name][0] is None and mem_available_bytes() < 6 * 2**30:
             print(f'| {name} | not run: MemAvailable {mem_available_bytes() / 2**30:.1f} GiB < 6 GiB | | | | | |')
             continue
         out = subprocess.run([sys.executable, __file__, '--variant', name], capture_output=True, text=True, check=True,
@@ -135,7 +145,7 @@ def main() -> None:
         r = results[name] = json.loads(out.stdout.strip().splitlines()[-1])
         n = r['base_weights']
         activations = max(0.0, r['rise2'] - r['rise'])
-        held = [r['stored_bytes'] / n, 12 * r['adapter_numel'] / n]  # fp32 factors and two AdamW moments
+        held = [r['stored_bytes'] / n, r['adapter_state_bytes'] / n]  # the factors and AdamW's two moments
         transient = (r['rise'] - activations) * MIB / n  # gradients, dequantized matrices, temporaries
         print(f'| {name} | {n / 1e6:,.0f}M | {held[0]:.3f} | {held[1]:.3f} | {transient:.3f} | '
               f'**{sum(held) + transient:.3f}** | {activations:,.0f} |', flush=True)

@@ -5,6 +5,7 @@
     python -m dbrx_train.info yamls/models/dbrx-132b.yaml --world-size 8 --moe-world-size 8
     python -m dbrx_train.info yamls/models/dbrx-132b.yaml --world-size 64 --moe-world-size 8 --dry-run
     python -m dbrx_train.info yamls/models/dbrx-132b.yaml --world-size 8 --quantization int4 --lora-rank 16
+    python -m dbrx_train.info yamls/models/dbrx-132b.yaml --world-size 8 --quantization int4 --lora-rank 16 --lora-dtype bf16
 
 With `--world-size`, it also sizes one rank of that training layout (see `training/sizing.py`):
 its parameter, gradient and AdamW bytes, expert and non-expert apart, and its all-to-all and FSDP
@@ -13,7 +14,8 @@ all-gather bytes per step. The expert-parallel degree defaults to the YAML's
 
 With `--quantization int4` (or int8) and `--lora-rank R` it sizes one rank of a QLoRA layout instead:
 the frozen quantized base, the adapters (rank R on every target), their gradients and AdamW's moments
-(`training.sizing.qlora_rank_size`); the group size is the YAML's `quantization_group_size` (128).
+(`training.sizing.qlora_rank_size`); the group size is the YAML's `quantization_group_size` (128);
+`--lora-dtype bf16` sizes the adapters, their state and the float rest of the base in bf16.
 
 With `--dry-run` it also builds the real model on `meta` and runs the real `training.parallelize`
 under a fake process group of that world size, as rank 0 (nothing is allocated, no process
@@ -41,10 +43,13 @@ from dbrx_train.model.config import ModelConfig
 from dbrx_train.model.dbrx import DbrxLM
 from dbrx_train.model.flops import attention_flops_per_token, count_parameters, train_flops_per_token
 from dbrx_train.model.init import local_part
+from dbrx_train.model.lora import LORA_DTYPES
 from dbrx_train.model.moe import Experts
+from dbrx_train.model.quantize import DEQUANTIZED_BLOCK_BYTES
 from dbrx_train.training.config import FSDPConfig, layout_only
 from dbrx_train.training.parallelize import build_mesh, parallelize
-from dbrx_train.training.sizing import STATE_BYTES, Layout, Traffic, qlora_rank_size, rank_size
+from dbrx_train.training.sizing import (STATE_BYTES, Layout, Traffic, qlora_rank_size, quantized_row_bytes,
+                                       rank_size)
 from dbrx_train.typed_config import load_yaml, parse
 
 GIB = 2**30
@@ -127,9 +132,11 @@ def describe_layout(config: ModelConfig, layout: Layout, seq_len: int, micro_bat
     ])
 
 
-def describe_qlora_layout(config: ModelConfig, layout: Layout, lora_rank: int) -> str:
-    """Rank 0's bytes in a QLoRA layout of `config` (quantized) with adapters of rank `lora_rank`."""
-    size = qlora_rank_size(config, layout, lora_rank)
+def describe_qlora_layout(config: ModelConfig, layout: Layout, lora_rank: int, lora_dtype: str = 'fp32') -> str:
+    """Rank 0's bytes in a QLoRA layout of `config` (quantized) with adapters of rank `lora_rank`, its float
+    tensors in `lora_dtype`."""
+    float_bytes = LORA_DTYPES[lora_dtype].itemsize
+    size = qlora_rank_size(config, layout, lora_rank, float_bytes)
     bits = config.quantization if config.quantization == 'int8' else (
         f'int4 in groups of {config.quantization_group_size} '
         f'({4 + 32 / config.quantization_group_size:g} bits per weight)')
@@ -138,23 +145,24 @@ def describe_qlora_layout(config: ModelConfig, layout: Layout, lora_rank: int) -
     m = config.ffn_config.moe_world_size
     if m > 1:
         sharding += f', expert parallelism over {m} ranks (each stores its experts whole)'
-    gathered = (f'{size.gathered_bytes / GIB:.2f} GiB (one layer\'s quantized experts while they run; plus one '
-                'dequantized expert matrix)' if m == 1 else
-                'none (expert parallelism: a rank runs its own experts); one dequantized expert matrix')
+    block = f'one dequantized block of at most {DEQUANTIZED_BLOCK_BYTES / 2**20:g} MiB'
+    gathered = (f'{size.gathered_bytes / GIB:.2f} GiB (one layer\'s quantized experts while they run); {block}'
+                if m == 1 else f'none (expert parallelism: a rank runs its own experts); {block}')
+    head_gathered = config.vocab_size * quantized_row_bytes(config.d_model, config.quantization,
+                                                           config.quantization_group_size)
     rows = [('base, quantized', size.base_quantized), ('base, float', size.base_float),
             ('adapters', size.adapters), ('adapter grads', size.adapter_grads), ('AdamW', size.adamw),
             ('total', size.total)]
     return '\n'.join([
         f'QLoRA:             {layout.world_size} ranks, {sharding}; frozen base {bits}, 16-bit scales and zeros; '
-        f'the rest of the base (embedding, norms, router) fp32',
+        f'the rest of the base (embedding, norms, router) {lora_dtype}',
         f'adapters:          rank {lora_rank} on Wqkv, out_proj and every expert\'s w1, v1, w2 of every layer: '
-        f'{size.adapter_numel:,} parameters on rank 0, fp32 with fp32 gradients and AdamW moments',
+        f'{size.adapter_numel:,} parameters on rank 0, {lora_dtype} with {lora_dtype} gradients and AdamW moments',
         'per rank (rank 0; GiB = 2^30 bytes):',
         *(f'  {name:<16}{value / GIB:>10.2f}' for name, value in rows),
         f'gathered module:   {gathered}',
-        f'loss:              the LM head dequantized whole while the fused loss runs: '
-        f'{config.vocab_size * config.d_model * 4 / GIB:.2f} GiB in fp32 '
-        f'({config.vocab_size * config.d_model * 2 / GIB:.2f} in bf16), besides one chunk of logits',
+        f'loss:              the LM head read block by block, its quantized rows gathered: '
+        f'{head_gathered / GIB:.2f} GiB, besides one chunk of logits',
     ])
 
 
@@ -223,6 +231,8 @@ def main(argv: list[str] | None = None) -> None:
     layout.add_argument('--quantization', choices=('int4', 'int8'), help='QLoRA: size a frozen quantized base with '
                         'LoRA adapters (needs --lora-rank)')
     layout.add_argument('--lora-rank', type=int, help='QLoRA: the adapters\' rank')
+    layout.add_argument('--lora-dtype', choices=tuple(LORA_DTYPES), default='fp32',
+                        help='QLoRA: the adapters\' (and the float base\'s) dtype, as lora.dtype')
     layout.add_argument('--dry-run', action='store_true', help='also build the model on meta, parallelize it '
                         'under a fake process group of --world-size ranks and measure rank 0')
     args = parser.parse_args(argv)
@@ -240,7 +250,7 @@ def main(argv: list[str] | None = None) -> None:
                 raise ConfigError('--dry-run', 'measures float layouts; QLoRA sizing is the closed form alone')
             config = dataclasses.replace(config, quantization=args.quantization)
             config.check()
-            print(describe_qlora_layout(config, layout, args.lora_rank))
+            print(describe_qlora_layout(config, layout, args.lora_rank, args.lora_dtype))
             return
         print(describe_layout(config, layout, args.seq_len or config.max_seq_len, args.micro_batch,
                               args.micro_batches, args.precision, args.mixed_precision))

@@ -100,13 +100,14 @@ def test_a_dry_run_of_the_132b_preset_on_16_ranks_measures_what_sizing_predicts(
         assert cells[0] == cells[1] and float(cells[2].replace(',', '')) == 0, name
 
 
-def test_sizes_one_rank_of_132b_qlora_on_8_ranks(capsys):
-    main([str(DBRX_132B), '--world-size', '8', '--quantization', 'int4', '--lora-rank', '16'])
+@pytest.mark.parametrize('lora_dtype', ['fp32', 'bf16'])
+def test_sizes_one_rank_of_132b_qlora_on_8_ranks(capsys, lora_dtype):
+    main([str(DBRX_132B), '--world-size', '8', '--quantization', 'int4', '--lora-rank', '16', '--lora-dtype', lora_dtype])
     out = capsys.readouterr().out
     assert 'frozen base int4 in groups of 128 (4.25 bits per weight)' in out
-    head = 100352 * 6144  # the LM head: DBRX's vocabulary x d_model, in fp32 and bf16 while the loss runs
-    assert f'the LM head dequantized whole while the fused loss runs: {head * 4 / 2**30:.2f} GiB in fp32 ' \
-           f'({head * 2 / 2**30:.2f} in bf16)' in out
+    assert f'{lora_dtype} with {lora_dtype} gradients and AdamW moments' in out
+    head = 100352 * 6144 * 4.25 / 8  # the LM head's int4 rows, gathered while the loss reads them block by block
+    assert f'its quantized rows gathered: {head / 2**30:.2f} GiB' in out
     table = {line[:18].strip(): float(line[18:]) for line in out.splitlines() if line.startswith('  ')
              and line[18:].strip().replace('.', '').isdigit()}
     # 131.6B parameters, all but ~0.6B of them int4 at 4.25 bits, over 8 ranks: about 8.1 GiB each
@@ -114,3 +115,5 @@ def test_sizes_one_rank_of_132b_qlora_on_8_ranks(capsys):
     assert table['adapter grads'] == table['adapters'] and table['AdamW'] == pytest.approx(2 * table['adapters'], abs=0.015)
     assert table['total'] == pytest.approx(sum(v for k, v in table.items() if k != 'total'), abs=0.02)
     assert table['total'] < 80 * 10**9 / 2**30 / 4  # a quarter of an 80 GB GPU: the rest is for activations
+    # 81.9M adapter parameters on rank 0: fp32 or bf16, so are their gradients and moments
+    assert table['adapters'] == pytest.approx(81_920_000 * (2 if lora_dtype == 'bf16' else 4) / 2**30, abs=0.005)

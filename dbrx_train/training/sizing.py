@@ -284,8 +284,9 @@ def check_fits(config: ModelConfig, layout: Layout, placement: Placement, host_b
 @dataclass(frozen=True)
 class QLoraSize:
     """Rank 0's bytes in a QLoRA layout: the frozen base (its quantized matrices with their 16-bit
-    scales and zeros, and the float rest in fp32) and the trainable adapters (fp32, with fp32 gradients
-    and AdamW's two fp32 moments). FSDP-sharded like the weights of a float layout (rank 0's rows)."""
+    scales and zeros, and the float rest) and the trainable adapters with their gradients and AdamW's
+    two moments, the float tensors in `lora.dtype` (fp32, or bf16). FSDP-sharded like the weights of a
+    float layout (rank 0's rows)."""
 
     base_quantized: int
     base_float: int
@@ -314,9 +315,10 @@ def quantized_row_bytes(in_features: int, method: str, group_size: int) -> int:
     return in_features + 2
 
 
-def qlora_rank_size(config: ModelConfig, layout: Layout, lora_rank: int) -> QLoraSize:
+def qlora_rank_size(config: ModelConfig, layout: Layout, lora_rank: int, float_bytes: int = 4) -> QLoraSize:
     """The closed form of `QLoraSize` for `config` (quantized) with adapters of rank `lora_rank` on every
-    target (Wqkv, out_proj, and each expert's w1, v1, w2), every layer."""
+    target (Wqkv, out_proj, and each expert's w1, v1, w2), every layer; `float_bytes` per float value (4:
+    fp32, 2: `lora.dtype: bf16`)."""
     layout.check(config)
     if config.quantization is None:
         raise ConfigError('quantization', 'QLoRA sizing needs a quantized model (int4 or int8)')
@@ -336,7 +338,7 @@ def qlora_rank_size(config: ModelConfig, layout: Layout, lora_rank: int) -> QLor
     experts = 2 * stored(e * f, d, store_ranks) + stored(e * d, f, store_ranks)
     per_layer = stored(qkv, d) + stored(d, d) + experts
     base_quantized = config.n_layers * per_layer + stored(config.vocab_size, d)
-    base_float = 4 * (config.n_layers * (2 * _shard(d, 1, n) + _shard(e, d, n)) + _shard(config.vocab_size, d, n)
+    base_float = float_bytes * (config.n_layers * (2 * _shard(d, 1, n) + _shard(e, d, n)) + _shard(config.vocab_size, d, n)
                       + _shard(d, 1, n))
     r = lora_rank
     expert_ranks = _expert_fsdp_ranks(config, layout)
@@ -344,4 +346,4 @@ def qlora_rank_size(config: ModelConfig, layout: Layout, lora_rank: int) -> QLor
         sum(_shard(dim0, rest, n) for dim0, rest in [(1, r * d), (1, qkv * r), (1, r * d), (1, d * r)])
         + 3 * (_shard(e // m, r * d, expert_ranks) + _shard(e // m, f * r, expert_ranks)))
     gathered = 0 if m > 1 else n * experts  # every rank's rows of one layer's experts (EP: its own, held)
-    return QLoraSize(base_quantized, base_float, 4 * adapter_numel, adapter_numel, gathered)
+    return QLoraSize(base_quantized, base_float, float_bytes * adapter_numel, adapter_numel, gathered)

@@ -99,10 +99,10 @@ def test_a_layout_that_cannot_fit_is_one_line_with_both_numbers_and_the_smallest
         check_fits(config, Layout(8), on_gpu, host, 80 * GIB)
 
 
-@pytest.mark.parametrize('method', ['int4', 'int8'])
+@pytest.mark.parametrize('method, lora_dtype', [('int4', 'fp32'), ('int8', 'fp32'), ('int4', 'bf16')])
 @pytest.mark.parametrize('layout,moe_world_size', [(Layout(1), 1), (Layout(3), 1), (Layout(4, shard_group_size=2), 1),
                                                    (Layout(4), 2)])
-def test_qlora_sizing_equals_the_stored_tensors_of_a_qlora_model(method, layout, moe_world_size):
+def test_qlora_sizing_equals_the_stored_tensors_of_a_qlora_model(method, lora_dtype, layout, moe_world_size):
     import torch
 
     from dbrx_train.model.lora import LoraConfig, apply_lora
@@ -113,7 +113,7 @@ def test_qlora_sizing_equals_the_stored_tensors_of_a_qlora_model(method, layout,
     config = dataclasses.replace(TINY, d_model=64, n_heads=4, quantization=method, quantization_group_size=32,
                                  ffn_config=ffn_config)
     model = DbrxLM(config, device='meta')
-    apply_lora(model, LoraConfig(r=3))
+    apply_lora(model, LoraConfig(r=3, dtype=lora_dtype))
     store_scales_in(model, torch.bfloat16)  # as training keeps them
     ranks = layout.shard_group_size or layout.world_size
 
@@ -133,8 +133,9 @@ def test_qlora_sizing_equals_the_stored_tensors_of_a_qlora_model(method, layout,
     adapters = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     frozen = [(n, p) for n, p in model.named_parameters() if not p.requires_grad]
     stored = [(n, b) for n, b in buffers.items() if '.lora.' not in n]
-    size = qlora_rank_size(config, layout, 3)
+    float_bytes = 2 if lora_dtype == 'bf16' else 4
+    size = qlora_rank_size(config, layout, 3, float_bytes)
     assert size.base_quantized == rank0_bytes(stored)
     assert size.base_float == rank0_bytes(frozen)
-    assert size.adapters == rank0_bytes(adapters) and size.adapter_numel == size.adapters // 4
+    assert size.adapters == rank0_bytes(adapters) and size.adapter_numel == size.adapters // float_bytes
     assert size.total == size.base_quantized + size.base_float + 4 * size.adapters
