@@ -37,8 +37,10 @@ from common import (
     timed,
 )
 from dbrx_train.model.compile import CompileConfig, compile_blocks
+from dbrx_train.model.dbrx import DbrxLM
 from dbrx_train.model.flops import train_flops_per_token
 from dbrx_train.precision import cpu_bf16_support
+from dbrx_train.training.optimizer import DecoupledAdamW
 
 THREADS = 2
 SECTIONS = ('train', 'forward', 'moe', 'generate', 'memory')
@@ -73,28 +75,38 @@ class Row:
         return self.ours / self.transformers
 
 
-def training_steps(ours, hf, ids, bf16: bool = False):
-    """One optimizer step per model, each on its full objective (LM loss + weighted load-balancing loss);
-    with `bf16`, the forward pass under CPU bf16 autocast (as Composer's amp_bf16 runs it)."""
-    opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-5)
-    opt_hf = torch.optim.AdamW(hf.parameters(), lr=1e-5)
+def training_step(model, optimizer, ids, bf16: bool = False):
+    """One optimizer step of `model` (ours or transformers') on its full objective (LM loss + weighted
+    load-balancing loss); with `bf16`, the forward pass under CPU bf16 autocast (as Composer's amp_bf16)."""
     autocast = (lambda: torch.autocast('cpu', dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
 
-    def step_ours():
+    def run():
         with autocast():
-            loss = ours.loss(ids).loss
+            if isinstance(model, DbrxLM):
+                loss = model.loss(ids).loss
+            else:
+                loss = model(ids, labels=ids, output_router_logits=True, use_cache=False).loss
         loss.backward()
-        opt_ours.step()
-        opt_ours.zero_grad(set_to_none=True)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
 
-    def step_hf():
-        with autocast():
-            loss = hf(ids, labels=ids, output_router_logits=True, use_cache=False).loss
-        loss.backward()
-        opt_hf.step()
-        opt_hf.zero_grad(set_to_none=True)
+    return run
 
-    return step_ours, step_hf
+
+def default_optimizer(model):
+    """The optimizer each trainer uses by default: ours `decoupled_adamw` (every YAML of train.py: torch's
+    fused AdamW kernel, `training/optimizer.py`), transformers torch's AdamW (its Trainer's default
+    `optim: adamw_torch`, the foreach implementation)."""
+    return (DecoupledAdamW if isinstance(model, DbrxLM) else torch.optim.AdamW)(model.parameters(), lr=1e-5)
+
+
+def training_steps(ours, hf, ids, bf16: bool = False) -> dict:
+    """Each model's step with its trainer's default optimizer; also transformers with `optim:
+    adamw_torch_fused` and ours with torch's AdamW (the models alone, one optimizer)."""
+    return {'ours': training_step(ours, default_optimizer(ours), ids, bf16),
+            'hf': training_step(hf, default_optimizer(hf), ids, bf16),
+            'hf fused': training_step(hf, torch.optim.AdamW(hf.parameters(), lr=1e-5, fused=True), ids, bf16),
+            'ours torch AdamW': training_step(ours, torch.optim.AdamW(ours.parameters(), lr=1e-5), ids, bf16)}
 
 
 def force_eager(step):
@@ -122,11 +134,12 @@ def bench_train(ours, hf, config, s: Settings, flops_per_token, peak_gflops,
     for batch in batches:
         ids = batch_ids(config, batch)
         for precision in ('fp32', 'bf16'):
-            step_ours, step_hf = training_steps(ours, hf, ids, bf16=precision == 'bf16')
-            first = timed(step_ours)  # compiles this shape and precision
-            steps = {'ours': step_ours, 'hf': step_hf}
+            steps = training_steps(ours, hf, ids, bf16=precision == 'bf16')
+            first = timed(steps['ours'])  # compiles this shape and precision
             if precision == 'fp32':
-                steps['ours eager'] = force_eager(step_ours)
+                steps['ours eager'] = force_eager(steps['ours'])
+            else:  # fewer variants: bf16 compiles its own graphs, and its rows are the default pair's
+                del steps['hf fused'], steps['ours torch AdamW']
             t = alternate(steps, s.warmup, s.repeats)
             compile_notes.append(f'batch {batch} {precision}: {first - t["ours"]:.0f} s')
             tps = {name: ids.numel() / seconds for name, seconds in t.items()}
@@ -137,6 +150,10 @@ def bench_train(ours, hf, config, s: Settings, flops_per_token, peak_gflops,
             if precision == 'fp32':
                 rows.append(Row(f'{label}, compiled MFU', '% of peak', mfu(tps['ours']), mfu(tps['hf'])))
                 rows.append(Row(f'{label}, eager', 'tokens/s', tps['ours eager'], tps['hf']))
+                rows.append(Row(f'{label}, compiled vs transformers with adamw_torch_fused', 'tokens/s', tps['ours'],
+                                tps['hf fused']))
+                rows.append(Row(f'{label}, models alone (both torch AdamW), compiled', 'tokens/s',
+                                tps['ours torch AdamW'], tps['hf']))
     torch.compiler.set_stance('force_eager')  # the other sections measure the eager model
     notes = [f'compiled loss - eager loss (fp32, batch {batches[0]}, same weights): {loss_gap:.1e}',
              'compile time (the first compiled forward; then each first compiled training step minus a compiled '
@@ -227,15 +244,15 @@ def decode_ceiling(model) -> tuple[float, float]:
 
 def memory_worker(which: str, batch: int, steps: int) -> tuple[float, float]:
     """In a fresh process: resident MiB before a training step (weights + AdamW state) and the
-    peak resident MiB over `steps` steps (adds activations, gradients, temporaries)."""
+    peak resident MiB over `steps` steps (adds activations, gradients, temporaries), each model with its
+    trainer's default optimizer."""
     torch.set_num_threads(THREADS)
     config, _ = bench_config()
     ours, hf = model_pair(config)
     model = ours if which == 'ours' else hf
     del ours, hf
     ids = batch_ids(config, batch)
-    step_ours, step_hf = training_steps(model, model, ids)
-    step = step_ours if which == 'ours' else step_hf
+    step = training_step(model, default_optimizer(model), ids)
     model.train()
     step()  # allocates the optimizer state
     gc.collect()
@@ -340,7 +357,9 @@ def main(argv=None) -> None:
                  f'{os.getloadavg()[0]:.1f} at the end')
     notes.append(f'measured fp32 matmul peak: {peak:.1f} GFLOP/s (3072^2 torch.mm); model FLOPs/token: '
                  f'train {flops / 1e6:.0f} M, forward {flops / 3e6:.0f} M')
-    notes.append('training step: loss.backward() + AdamW step; transformers with labels and '
+    notes.append('training step: loss.backward() + optimizer step, each with its trainer\'s default optimizer: '
+                 'ours decoupled_adamw (fused AdamW kernel), transformers torch AdamW (Trainer optim adamw_torch, '
+                 'foreach) unless the row says otherwise; transformers with labels and '
                  'output_router_logits=True so both objectives include the load-balancing loss; compiled: each of '
                  'our blocks torch.compile\'d (inductor, experts eager), eager: the same model under '
                  'torch.compiler.set_stance("force_eager"); transformers runs eager; bf16: CPU autocast')
