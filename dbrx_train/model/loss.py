@@ -40,12 +40,12 @@ def blockwise_linear_cross_entropy(hidden: torch.Tensor, head: HeadBlocks, vocab
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, ignore_index, head_blocks=None):
-        if head_blocks is not None:
-            (loss, grad_hidden), grad_weight = _blockwise_loss_and_grad(hidden, *head_blocks, targets, ignore_index,
-                                                                        True), None
-        else:
+        if head_blocks is None:
             loss, grad_hidden, grad_weight = _chunked_loss_and_grads(hidden, weight, targets, ignore_index, True,
                                                                      weight.requires_grad)
+        else:  # a frozen head: no gradient of its own
+            loss, grad_hidden = _blockwise_loss_and_grad(hidden, *head_blocks, targets, ignore_index, True)
+            grad_weight = None
         ctx.save_for_backward(grad_hidden, grad_weight)
         return loss
 

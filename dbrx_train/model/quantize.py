@@ -173,6 +173,7 @@ class WeightFormat:
 
     name: str
     suffixes: tuple[str, ...]
+    column_unit = 1  # a block of `columns` holds a multiple of this many
 
     def parts(self, out_features: int, in_features: int) -> dict[str, tuple[tuple[int, ...], torch.dtype | None]]:
         raise NotImplementedError
@@ -193,8 +194,6 @@ class WeightFormat:
     def in_features(self, weight: torch.Tensor) -> int:
         """The float matrix's input width, from its stored weight."""
         return weight.shape[1]
-
-    column_unit = 1  # columns a block of `columns` holds a multiple of
 
     def columns(self, parts: dict[str, torch.Tensor], cols: slice) -> dict[str, torch.Tensor]:
         """The stored parts of the float matrix's columns `cols` (multiples of `column_unit`)."""
