@@ -4,7 +4,9 @@
 
 Speeds are medians of steps run in turns (ours, transformers, transformers, ours, ...) after a warm-up;
 memory is measured in a fresh process per model. The training step runs at batch 2 and 4, in fp32 and
-under bf16 autocast, ours with its blocks compiled (`dbrx_train.model.compile`) and eager. See
+under bf16 autocast, ours with its blocks compiled (`dbrx_train.model.compile`) and eager, each variant
+in a fresh process holding its one model (in one process with both, transformers' step ran 20-40%
+slower than alone, which inflated the ratio), each model with its trainer's default optimizer. See
 bench/README.md for what each row means.
 """
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import gc
 import json
 import multiprocessing
@@ -57,10 +60,11 @@ class Settings:
     repeats: int
     new_tokens: int
     memory_steps: int
+    train_steps: int  # timed training steps per process, after its first
 
 
-FULL = Settings(batch=4, warmup=1, repeats=3, new_tokens=64, memory_steps=2)
-QUICK = Settings(batch=4, warmup=1, repeats=1, new_tokens=16, memory_steps=1)
+FULL = Settings(batch=4, warmup=1, repeats=3, new_tokens=64, memory_steps=2, train_steps=3)
+QUICK = Settings(batch=4, warmup=1, repeats=1, new_tokens=16, memory_steps=1, train_steps=1)
 
 
 @dataclass
@@ -100,53 +104,75 @@ def default_optimizer(model):
     return (DecoupledAdamW if isinstance(model, DbrxLM) else torch.optim.AdamW)(model.parameters(), lr=1e-5)
 
 
-def training_steps(ours, hf, ids, bf16: bool = False) -> dict:
-    """Each model's step with its trainer's default optimizer; also transformers with `optim:
-    adamw_torch_fused` and ours with torch's AdamW (the models alone, one optimizer)."""
-    return {'ours': training_step(ours, default_optimizer(ours), ids, bf16),
-            'hf': training_step(hf, default_optimizer(hf), ids, bf16),
-            'hf fused': training_step(hf, torch.optim.AdamW(hf.parameters(), lr=1e-5, fused=True), ids, bf16),
-            'ours torch AdamW': training_step(ours, torch.optim.AdamW(ours.parameters(), lr=1e-5), ids, bf16)}
+# The training-step variants, each measured in a process of its own: (model, optimizer, compiled).
+TRAIN_VARIANTS = {
+    'ours': ('ours', 'decoupled_adamw', True),
+    'hf': ('hf', 'adamw_torch', False),
+    'ours eager': ('ours', 'decoupled_adamw', False),
+    'hf fused': ('hf', 'adamw_torch_fused', False),
+    'ours torch AdamW': ('ours', 'adamw_torch', True),  # the models alone: one optimizer for both
+}
+BF16_TRAIN_VARIANTS = ('ours', 'hf')
+OPTIMIZERS = {'decoupled_adamw': DecoupledAdamW, 'adamw_torch': torch.optim.AdamW,
+              'adamw_torch_fused': functools.partial(torch.optim.AdamW, fused=True)}
 
 
-def force_eager(step):
-    """`step` with every compiled block running its eager code (same model, same weights)."""
-    def run():
-        with torch.compiler.set_stance('force_eager'):
-            step()
+def train_worker(variant: str, batch: int, bf16: bool, steps: int, check_compiled_loss: bool) -> dict:
+    """In a fresh process, as a user runs one framework: the variant's model alone with its optimizer
+    (compiled or not), the seconds of its first step (compiling, first touch of the optimizer state)
+    and of `steps` more. With `check_compiled_loss`, also |compiled loss - eager loss| on the batch."""
+    from transformers.utils import logging as hf_logging
 
-    return run
+    hf_logging.set_verbosity_error()
+    torch.set_num_threads(THREADS)
+    config, _ = bench_config()
+    ours, hf = model_pair(config)
+    which, optimizer, compiled = TRAIN_VARIANTS[variant]
+    model = ours if which == 'ours' else hf
+    del ours, hf
+    model.train()
+    ids = batch_ids(config, batch)
+    loss_gap = None
+    if compiled:
+        with torch.no_grad():
+            eager_loss = model.loss(ids).loss if check_compiled_loss else None
+            compile_blocks(model, BENCH_COMPILE)
+            if check_compiled_loss:
+                loss_gap = abs(model.loss(ids).loss - eager_loss).item()
+    step = training_step(model, OPTIMIZERS[optimizer](model.parameters(), lr=1e-5), ids, bf16)
+    first = timed(step)
+    return {'first': first, 'steps': [timed(step) for _ in range(steps)], 'loss_gap': loss_gap}
 
 
-def bench_train(ours, hf, config, s: Settings, flops_per_token, peak_gflops,
+def bench_train(config, s: Settings, flops_per_token, peak_gflops,
                 batches=TRAIN_BATCHES) -> tuple[list[Row], list[str]]:
-    """Training steps at each of `batches`, fp32 and bf16 autocast: ours compiled (and eager) vs transformers."""
-    ours.train(), hf.train()
-    probe = batch_ids(config, batches[0])
-    with torch.no_grad():
-        eager_loss = ours.loss(probe).loss
-        compile_blocks(ours, BENCH_COMPILE)
-        start = time.perf_counter()
-        loss_gap = abs(ours.loss(probe).loss - eager_loss).item()
-    rows, compile_notes = [], [f'forward {time.perf_counter() - start:.0f} s']
-    log(f'compiled loss - eager loss: {loss_gap:.1e}; {compile_notes[0]}')
+    """Training steps at each of `batches`, fp32 and bf16 autocast: ours compiled (and eager) vs transformers,
+    each variant in a fresh process, the variants in turns (order flipped every round); per variant the
+    median over rounds of each process's median step."""
+    spawn = multiprocessing.get_context('spawn')
+    rows, compile_notes, loss_gap = [], [], None
     mfu = lambda tps: 100 * tps * flops_per_token / (peak_gflops * 1e9)  # noqa: E731
     for batch in batches:
-        ids = batch_ids(config, batch)
+        ids_numel = batch * config.max_seq_len
         for precision in ('fp32', 'bf16'):
-            steps = training_steps(ours, hf, ids, bf16=precision == 'bf16')
-            first = timed(steps['ours'])  # compiles this shape and precision
-            if precision == 'fp32':
-                steps['ours eager'] = force_eager(steps['ours'])
-            else:  # fewer variants: bf16 compiles its own graphs, and its rows are the default pair's
-                del steps['hf fused'], steps['ours torch AdamW']
-            t = alternate(steps, s.warmup, s.repeats)
-            compile_notes.append(f'batch {batch} {precision}: {first - t["ours"]:.0f} s')
-            tps = {name: ids.numel() / seconds for name, seconds in t.items()}
+            variants = list(TRAIN_VARIANTS) if precision == 'fp32' else list(BF16_TRAIN_VARIANTS)
+            medians, first = {v: [] for v in variants}, {}
+            for round_ in range(s.repeats):
+                for variant in variants if round_ % 2 == 0 else reversed(variants):
+                    check = loss_gap is None and variant == 'ours' and precision == 'fp32'
+                    with ProcessPoolExecutor(1, mp_context=spawn) as pool:
+                        result = pool.submit(train_worker, variant, batch, precision == 'bf16', s.train_steps,
+                                             check).result()
+                    loss_gap = result['loss_gap'] if check else loss_gap
+                    medians[variant].append(statistics.median(result['steps']))
+                    first.setdefault(variant, result['first'])
+            t = {v: statistics.median(m) for v, m in medians.items()}
+            compile_notes.append(f'batch {batch} {precision}: {first["ours"] - t["ours"]:.0f} s')
+            tps = {name: ids_numel / seconds for name, seconds in t.items()}
             label = f'training step, batch {batch}, {precision}'
             rows.append(Row(f'{label}, compiled', 'tokens/s', tps['ours'], tps['hf']))
             log(f'{label}: ' + ', '.join(f'{name} {rate:.1f} tokens/s' for name, rate in tps.items())
-                + f'; compile {first - t["ours"]:.0f} s; load average {os.getloadavg()[0]:.1f}')
+                + f'; compile {first["ours"] - t["ours"]:.0f} s; load average {os.getloadavg()[0]:.1f}')
             if precision == 'fp32':
                 rows.append(Row(f'{label}, compiled MFU', '% of peak', mfu(tps['ours']), mfu(tps['hf'])))
                 rows.append(Row(f'{label}, eager', 'tokens/s', tps['ours eager'], tps['hf']))
@@ -154,10 +180,9 @@ def bench_train(ours, hf, config, s: Settings, flops_per_token, peak_gflops,
                                 tps['hf fused']))
                 rows.append(Row(f'{label}, models alone (both torch AdamW), compiled', 'tokens/s',
                                 tps['ours torch AdamW'], tps['hf']))
-    torch.compiler.set_stance('force_eager')  # the other sections measure the eager model
     notes = [f'compiled loss - eager loss (fp32, batch {batches[0]}, same weights): {loss_gap:.1e}',
-             'compile time (the first compiled forward; then each first compiled training step minus a compiled '
-             'step: each shape and precision compiles once): ' + ', '.join(compile_notes)]
+             'compile time (a compiled process\'s first training step minus its median step; the inductor cache '
+             'is warm after the first round): ' + ', '.join(compile_notes)]
     return rows, notes
 
 
@@ -330,7 +355,7 @@ def main(argv=None) -> None:
             continue
         log(f'measuring {section} ({time.perf_counter() - start:.0f}s so far)')
         if section == 'train':
-            train_rows, train_notes = bench_train(ours, hf, config, s, flops, peak, args.batches)
+            train_rows, train_notes = bench_train(config, s, flops, peak, args.batches)
             rows += train_rows
             notes += train_notes
         elif section == 'forward':
@@ -361,8 +386,9 @@ def main(argv=None) -> None:
                  'ours decoupled_adamw (fused AdamW kernel), transformers torch AdamW (Trainer optim adamw_torch, '
                  'foreach) unless the row says otherwise; transformers with labels and '
                  'output_router_logits=True so both objectives include the load-balancing loss; compiled: each of '
-                 'our blocks torch.compile\'d (inductor, experts eager), eager: the same model under '
-                 'torch.compiler.set_stance("force_eager"); transformers runs eager; bf16: CPU autocast')
+                 'our blocks torch.compile\'d (inductor, experts eager), eager: the same model not compiled; '
+                 'transformers runs eager; bf16: CPU autocast; each training variant runs in a process of its own '
+                 '(one model, as a user runs it), the variants in turns')
     notes.append('ratio = ours / transformers (memory: lower is better); speeds are medians of '
                  f'{s.repeats} alternating runs after {s.warmup} warm-up')
     if 'memory' in args.only:
