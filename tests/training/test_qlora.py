@@ -89,8 +89,8 @@ def qlora_rank(checkpoint: Path, moe_world_size: int, shard_group_size: int | No
 
 
 @pytest.mark.parametrize('moe_world_size, shard_group_size, dtype', [(1, None, None), (2, None, None), (1, 1, None),
-                                                                   (1, None, 'bf16')],
-                         ids=['fsdp', 'expert-parallel', 'hybrid-replicas', 'fsdp-bf16-adapters'])
+                                                                   (2, None, 'bf16')],
+                         ids=['fsdp', 'expert-parallel', 'hybrid-replicas', 'expert-parallel-bf16-adapters'])
 def test_qlora_on_two_ranks_trains_as_one_process_from_a_float_init_from_quantized_per_shard(
         tmp_path, moe_world_size, shard_group_size, dtype):
     """FSDP2 shards the int4 base by rows; expert parallelism stores each rank's two experts whole
