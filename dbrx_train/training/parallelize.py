@@ -140,7 +140,8 @@ def parallelize(model: DbrxLM, cfg: TrainConfig, mesh: DeviceMesh, device: str =
     replicas = None  # HYBRID_SHARD's replica group, where gradient_average (not FSDP2) averages over it
     if uses_fsdp(cfg, mesh.size()):
         mp_policy = create_mixed_precision_policy(Precision(cfg.precision), fsdp.mixed_precision)
-        if cfg.lora is not None and cfg.lora.dtype == 'bf16':  # held in bf16 (LoraConfig): gathered as held
+        held = model.wte.weight.dtype  # bf16 with `lora.dtype: bf16`: gathered as held, not cast up
+        if mp_policy.param_dtype is not None and mp_policy.param_dtype.itemsize > held.itemsize:
             mp_policy = dataclasses.replace(mp_policy, param_dtype=None)
         data_mesh = mesh._flatten('dp_ep') if expert_parallel else mesh
         options = dict(reshard_after_forward=fsdp.reshard_after_forward, mp_policy=mp_policy or MixedPrecisionPolicy())
