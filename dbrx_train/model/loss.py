@@ -8,6 +8,8 @@ import torch
 
 # Rows of logits computed at once: about 128 MiB of fp32 logits per chunk for DBRX's 100k vocabulary.
 CHUNK_LOGITS = 2**25
+# Logits a CPU core's L2 cache holds while the softmax makes its passes over them.
+SOFTMAX_BLOCK_BYTES = 2 * 2**20
 
 
 # A frozen LM head read block by block: `blocks(dtype)` yields (vocabulary rows, the head's rows there in dtype).
@@ -77,31 +79,34 @@ def _chunked_loss_and_grads(hidden, weight, targets, ignore_index, with_grads, w
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if with_grads else None
         with_weight_grad = with_grads and with_weight_grad
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if with_weight_grad else None
-        rows = max(1, CHUNK_LOGITS // weight.shape[0])
+        # First chunk writes it, the rest add to it: no (vocab, d_model) zero fill.
+        grad_weight = (torch.empty if len(h_all) else torch.zeros)(weight.shape, dtype=torch.float32,
+                                                                   device=weight.device) if with_weight_grad else None
+        rows = _chunk_rows(len(h_all), weight.shape[0])
+        # One logits buffer for every chunk: a fresh (rows, vocab) tensor per chunk is fresh pages from the
+        # kernel, and faulting them in made the head's forward GEMM a quarter slower (bench_model, CPU).
+        logits_buffer = torch.empty((min(rows, len(h_all)), weight.shape[0]), dtype=torch.float32,
+                                    device=hidden.device)
         for start in range(0, h_all.shape[0], rows):
             h = h_all[start : start + rows]
             t = targets[start : start + rows]
             valid = valid_all[start : start + rows]
             safe_t = torch.where(valid, t, 0)
-            logits = (h @ w.t()).float()
+            logits = logits_buffer[: len(h)]
+            _matmul_into(logits, h, w.t())
             target_logit = logits.gather(1, safe_t[:, None]).squeeze(1)
-            # logsumexp by hand, in place: the chunk's exp(logits - max) is the unnormalised softmax
-            # the gradient needs, so the (rows, vocab) block is exponentiated once and never copied.
-            row_max = logits.amax(dim=-1, keepdim=True)
-            exp_logits = logits.sub_(row_max).exp_()
-            sum_exp = exp_logits.sum(dim=-1)
-            lse = sum_exp.log() + row_max.squeeze(1)
+            row_weight = valid / n_valid
+            # In place: exp(logits - max), the unnormalised softmax the gradient needs, exponentiated once
+            # and never copied; with the gradient, scaled into d(mean loss)/d(logits) = (softmax -
+            # one_hot(target)) / n_valid on valid rows.
+            lse = _logsumexp_softmax_(logits, row_weight if with_grads else None)
             total += ((lse - target_logit) * valid).sum()
             if with_grads:
-                # d(mean loss)/d(logits) = (softmax - one_hot(target)) / n_valid on valid rows.
-                row_weight = valid / n_valid
-                grad_logits = exp_logits.mul_((row_weight / sum_exp)[:, None])
-                grad_logits[torch.arange(len(t), device=t.device), safe_t] -= row_weight
-                grad_logits = grad_logits.to(compute_dtype)
-                grad_hidden[start : start + rows] = (grad_logits @ w).to(hidden.dtype)
+                logits[torch.arange(len(t), device=t.device), safe_t] -= row_weight
+                grad_logits = logits.to(compute_dtype)
+                _matmul_into(grad_hidden[start : start + rows], grad_logits, w)
                 if with_weight_grad:
-                    _add_matmul_(grad_weight, grad_logits.t(), h)
+                    _matmul_into(grad_weight, grad_logits.t(), h, accumulate=start > 0)
     loss = total / n_valid
     if with_weight_grad:
         grad_weight = grad_weight.to(weight.dtype)
@@ -137,7 +142,7 @@ def _blockwise_loss_and_grad(hidden, head: HeadBlocks, vocab_size, targets, igno
                 sum_exp = sum_exp * rescale + exp_logits.sum(dim=-1)
                 row_max = new_max
                 if with_grads:
-                    _add_matmul_(acc.mul_(rescale[:, None]), exp_logits.to(compute_dtype), w)
+                    _matmul_into(acc.mul_(rescale[:, None]), exp_logits.to(compute_dtype), w, accumulate=True)
                     target_rows[hit] = w[local_t[hit]].float()
                 del w, logits, exp_logits  # before the next block is dequantized
             total += ((sum_exp.log() + row_max - target_logit) * valid).sum()
@@ -147,12 +152,41 @@ def _blockwise_loss_and_grad(hidden, head: HeadBlocks, vocab_size, targets, igno
     return total / n_valid, grad_hidden
 
 
-def _add_matmul_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc += a @ b, inside the GEMM (no product-sized temporary) when the dtypes agree."""
-    if a.dtype == acc.dtype:
-        torch.addmm(acc, a, b, out=acc)  # not addmm_, which FLOP counters do not see
+def _chunk_rows(rows: int, vocab_size: int) -> int:
+    """Rows per chunk: at most CHUNK_LOGITS logits, in chunks of equal size (no small last GEMM)."""
+    chunks = -(-rows * vocab_size // CHUNK_LOGITS)
+    return max(1, -(-rows // max(1, chunks)))
+
+
+def _logsumexp_softmax_(logits: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """Each row's logsumexp; in place, `logits` become exp(logits - row max), times `scale / sum of
+    them` per row where `scale` is given (the softmax, scaled). On CPU a few rows at a time, so that a
+    row's passes (max, exp, sum, scale) read it from cache: over a whole chunk each went to memory, and
+    took twice as long; an accelerator takes the chunk at once (one kernel launch per pass)."""
+    block = max(1, len(logits))
+    if logits.device.type == 'cpu':
+        block = max(1, SOFTMAX_BLOCK_BYTES // (logits.shape[1] * logits.element_size()))
+    lse = torch.empty(len(logits), dtype=logits.dtype, device=logits.device)
+    for start in range(0, len(logits), block):
+        rows = logits[start : start + block]
+        row_max = rows.amax(dim=-1, keepdim=True)
+        sum_exp = rows.sub_(row_max).exp_().sum(dim=-1, keepdim=True)
+        torch.add(sum_exp.log(), row_max, out=lse[start : start + block, None])
+        if scale is not None:
+            rows.mul_(scale[start : start + block, None] / sum_exp)
+    return lse
+
+
+def _matmul_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool = False) -> None:
+    """out = a @ b, or out += a @ b with `accumulate`, in a's dtype: inside the GEMM (no product-sized
+    temporary) when out's dtype is a's."""
+    if a.dtype != out.dtype:
+        product = (a @ b).to(out.dtype)
+        out.add_(product) if accumulate else out.copy_(product)
+    elif accumulate:
+        torch.addmm(out, a, b, out=out)  # not addmm_, which FLOP counters do not see
     else:
-        acc += (a @ b).to(acc.dtype)
+        torch.mm(a, b, out=out)
 
 
 def load_balancing_loss(mean_probs: torch.Tensor, tokens_per_expert: torch.Tensor, top_k: int) -> torch.Tensor:

@@ -9,9 +9,13 @@ from dbrx_train.model import loss as loss_module
 from dbrx_train.model.loss import blockwise_linear_cross_entropy, linear_cross_entropy
 
 
-@pytest.mark.parametrize('chunk_logits', [loss_module.CHUNK_LOGITS, 7 * 50])  # one chunk; chunks of 7 rows
-def test_fused_cross_entropy_equals_full_logits(monkeypatch, chunk_logits):
+# One chunk, its softmax at once; or 5 chunks of 6 rows (30 rows, at most 7 * 50 logits each), their
+# softmax over blocks of 4 rows and 2 (the bytes of 4 rows of fp32 logits).
+@pytest.mark.parametrize(('chunk_logits', 'softmax_block_bytes'),
+                         [(loss_module.CHUNK_LOGITS, loss_module.SOFTMAX_BLOCK_BYTES), (7 * 50, 4 * 50 * 4)])
+def test_fused_cross_entropy_equals_full_logits(monkeypatch, chunk_logits, softmax_block_bytes):
     monkeypatch.setattr(loss_module, 'CHUNK_LOGITS', chunk_logits)
+    monkeypatch.setattr(loss_module, 'SOFTMAX_BLOCK_BYTES', softmax_block_bytes)
     torch.manual_seed(0)
     hidden = torch.randn(30, 16, requires_grad=True)
     weight = torch.randn(50, 16, requires_grad=True)
@@ -27,6 +31,21 @@ def test_fused_cross_entropy_equals_full_logits(monkeypatch, chunk_logits):
     assert (fused_grads[0][[0, 7, 8, 29]] == 0).all()  # ignored rows get no gradient
     with torch.no_grad():
         torch.testing.assert_close(linear_cross_entropy(hidden, weight, targets, -100), full)
+
+
+def test_fused_cross_entropy_of_no_rows_is_zero_with_zero_head_gradient():
+    weight = torch.randn(50, 16, requires_grad=True)
+    loss = linear_cross_entropy(torch.zeros(0, 16, requires_grad=True), weight, torch.zeros(0, dtype=torch.long))
+    loss.backward()
+    assert loss.item() == 0 and (weight.grad == 0).all()
+
+
+def test_chunks_are_equal_and_within_the_logits_budget():
+    for rows, vocab in [(2048, 100352), (30, 50), (1, 100352), (5000, 10)]:
+        size = loss_module._chunk_rows(rows, vocab)
+        chunks = -(-rows // size)
+        assert size * vocab <= max(loss_module.CHUNK_LOGITS, vocab)
+        assert chunks * size - rows < chunks  # sizes differ by at most one row from an even split
 
 
 def head_blocks(weight: torch.Tensor, sizes: list[int]):
