@@ -77,13 +77,13 @@ class ExpertParallel:
         sent, received = torch.stack([rows_per_expert, received_per_expert]).view(2, ranks, local).tolist()
         send_splits, recv_splits = [sum(r) for r in sent], [sum(r) for r in received]
 
-        rows = _all_to_all(x[token_of_row], recv_splits, send_splits, group)
+        rows = _all_to_all(x.index_select(0, token_of_row), recv_splits, send_splits, group)
         # Arrived grouped by source rank, then expert: regroup by expert for the grouped GLU.
         expert_of_row = torch.arange(local, device=x.device).repeat(ranks).repeat_interleave(
             received_per_expert, output_size=sum(recv_splits))
         by_expert = torch.argsort(expert_of_row, stable=True)
-        out = run_grouped(rows[by_expert], [sum(col) for col in zip(*received)], local_ffn)
-        out = out[torch.argsort(by_expert)]
+        out = run_grouped(rows.index_select(0, by_expert), [sum(col) for col in zip(*received)], local_ffn)
+        out = out.index_select(0, torch.argsort(by_expert))
         expert_out = _all_to_all(out, send_splits, recv_splits, group)
         self._count_traffic(send_splits, recv_splits, rows, expert_out)
         return combine(x, expert_out, top_weights, order, token_of_row)

@@ -51,8 +51,9 @@ def dropless_moe(x: torch.Tensor, top_weights: torch.Tensor, top_experts: torch.
             out = y if out is None else out.add_(y)
         return out
     order, token_of_row, rows_per_expert = sort_by_expert(top_experts, num_experts)
-    # Rows per expert decide the matmul shapes, so they must be known on the host.
-    expert_out = run_grouped(x[token_of_row], rows_per_expert.tolist(), expert_ffn)
+    # Rows per expert decide the matmul shapes, so they must be known on the host. index_select, not
+    # x[token_of_row]: its backward (an index_add) is parallel; indexing's (index_put) made the layer 6% slower.
+    expert_out = run_grouped(x.index_select(0, token_of_row), rows_per_expert.tolist(), expert_ffn)
     return combine(x, expert_out, top_weights, order, token_of_row)
 
 
