@@ -6,8 +6,9 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-# Rows of logits computed at once: about 128 MiB of fp32 logits per chunk for DBRX's 100k vocabulary.
-CHUNK_LOGITS = 2**25
+# Logits computed at once: 512 MiB of fp32 per chunk (1,337 rows of DBRX's 100k vocabulary). Each chunk
+# reads the LM head twice and adds to its gradient once: with 128 MiB chunks the bench step ran 3.5% slower.
+CHUNK_LOGITS = 2**27
 # Logits a CPU core's L2 cache holds while the softmax makes its passes over them.
 SOFTMAX_BLOCK_BYTES = 2 * 2**20
 
