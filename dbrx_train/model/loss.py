@@ -80,9 +80,10 @@ def _chunked_loss_and_grads(hidden, weight, targets, ignore_index, with_grads, w
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if with_grads else None
         with_weight_grad = with_grads and with_weight_grad
-        # First chunk writes it, the rest add to it: no (vocab, d_model) zero fill.
-        grad_weight = (torch.empty if len(h_all) else torch.zeros)(weight.shape, dtype=torch.float32,
-                                                                   device=weight.device) if with_weight_grad else None
+        grad_weight = None
+        if with_weight_grad:  # the first chunk writes it, the rest add to it: no (vocab, d_model) zero fill
+            new = torch.empty if len(h_all) else torch.zeros
+            grad_weight = new(weight.shape, dtype=torch.float32, device=weight.device)
         rows = _chunk_rows(len(h_all), weight.shape[0])
         # One logits buffer for every chunk: a fresh (rows, vocab) tensor per chunk is fresh pages from the
         # kernel, and faulting them in made the head's forward GEMM a quarter slower (bench_model, CPU).
@@ -125,7 +126,7 @@ def _blockwise_loss_and_grad(hidden, head: HeadBlocks, vocab_size, targets, igno
         n_valid = valid_all.sum().clamp(min=1)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if with_grads else None
-        rows = max(1, CHUNK_LOGITS // vocab_size)
+        rows = _chunk_rows(len(h_all), vocab_size)
         for start in range(0, h_all.shape[0], rows):
             h, t, valid = h_all[start:start + rows], targets[start:start + rows], valid_all[start:start + rows]
             row_max = torch.full((len(h),), -torch.inf, device=h.device)
@@ -183,7 +184,10 @@ def _matmul_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate
     temporary) when out's dtype is a's."""
     if a.dtype != out.dtype:
         product = (a @ b).to(out.dtype)
-        out.add_(product) if accumulate else out.copy_(product)
+        if accumulate:
+            out.add_(product)
+        else:
+            out.copy_(product)
     elif accumulate:
         torch.addmm(out, a, b, out=out)  # not addmm_, which FLOP counters do not see
     else:

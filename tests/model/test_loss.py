@@ -58,7 +58,7 @@ def head_blocks(weight: torch.Tensor, sizes: list[int]):
     return blocks
 
 
-@pytest.mark.parametrize('chunk_logits', [loss_module.CHUNK_LOGITS, 7 * 50])  # one chunk; chunks of 7 rows
+@pytest.mark.parametrize('chunk_logits', [loss_module.CHUNK_LOGITS, 7 * 50])  # one chunk; 5 chunks of 6 rows
 def test_blockwise_cross_entropy_over_uneven_vocabulary_blocks_equals_full_logits(monkeypatch, chunk_logits):
     """Targets in every block; the largest logit of a row in a later block than its first (the running max
     and its rescaling); rows that ignore their target."""
